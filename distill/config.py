@@ -1,0 +1,284 @@
+"""Typed run configuration: the composed Hydra config is validated into these dataclasses.
+
+Hydra stays at the edge (distill/__main__.py composes); everything below it receives plain
+dataclasses. Validation is strict: an unknown key, a wrong type or an unknown choice raises
+`ConfigError` with one line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from students.presets import PRESETS, Architecture
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key and the fix."""
+
+
+@dataclass
+class StudentConfig:
+    preset: str
+    architecture: Architecture
+    # random: transformers' init; pretrained: load `pretrained` (path or hub name);
+    # teacher: copy the teacher's embeddings, norms, `teacher_layers` (and `teacher_experts`).
+    init: Literal["random", "pretrained", "teacher"] = "random"
+    pretrained: str | None = None
+    teacher_layers: list[int] | None = None
+    teacher_experts: list[int] | None = None
+
+
+@dataclass
+class BootstrapConfig:
+    """How the embedded teacher learns the built-in task (both modes, cross-entropy)."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    # embedded: a tiny Qwen3-MoE trained here on the built-in task, cached by config hash;
+    # transformers: an in-process checkpoint (path or hub name) in `model`.
+    kind: Literal["embedded", "transformers"] = "embedded"
+    model: str | None = None
+    preset: str = "tiny-moe"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ArithmeticConfig:
+    min_steps: int = 4          # operations per chain: the difficulty knob
+    max_steps: int = 7
+    modulus: int = 10
+    ops: str = "+-*"
+    train_size: int = 50000
+    validation_size: int = 500
+    test_size: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # "builtin:arithmetic", a .jsonl/.json/.parquet file, or a hub dataset name; rows need a
+    # `messages` column (chat turns) and, for scoring, an `answer` column.
+    source: str = "builtin:arithmetic"
+    # "builtin" (the byte-level tokenizer of the built-in task), or a path / hub name.
+    tokenizer: str = "builtin"
+    messages_column: str = "messages"
+    answer_column: str = "answer"
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    max_length: int = 256
+
+
+@dataclass
+class LossConfig:
+    divergence: Literal["forward_kl"] = "forward_kl"
+    # How the teacher's probability outside its top-k is treated: "tail" keeps one extra
+    # bucket on both sides; "renormalize" rescales the teacher's top-k to sum to one.
+    missing_mass: Literal["tail", "renormalize"] = "tail"
+    temperature: float = 1.0
+    scale_by_temperature_squared: bool = False
+    ce_weight: float = 0.0
+
+
+@dataclass
+class OffPolicyConfig:
+    """Off-policy distillation: the teacher answers training prompts in both modes."""
+
+    prompts: int = 4000         # distinct training prompts; each is answered in both modes
+    top_k: int = 20             # teacher log-probabilities kept per response token
+    max_new_tokens: int = 128
+    generation_batch_size: int = 256
+    steps: int = 600
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    problems: int = 500          # from the test split
+    max_new_tokens: int = 128
+    batch_size: int = 256
+    modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["teacher", "offpolicy", "eval", "release"])
+    offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "distill"
+    entity: str | None = None
+    # auto: online when an API key is configured, offline otherwise.
+    mode: Literal["auto", "online", "offline"] = "auto"
+
+
+@dataclass
+class Config:
+    students: dict[str, StudentConfig]
+    teacher: TeacherConfig
+    data: DataConfig
+    loss: LossConfig
+    pipeline: PipelineConfig
+    run_dir: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0            # torch intra-op threads; 0 = one per core
+    logger: Literal["wandb", "none"] = "wandb"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # `+student=NAME` on the command line: replaces the default `students` with this one.
+    student: StudentConfig | None = None
+
+
+STAGES = ("teacher", "offpolicy", "eval", "release")
+
+
+def student_node(preset: str) -> dict:
+    """The config node of `student=<preset>`: the preset's architecture fields, and init."""
+    return {
+        "preset": preset,
+        "architecture": PRESETS[preset].to_dict(),
+        "init": "random",
+        "pretrained": None,
+        "teacher_layers": None,
+        "teacher_experts": None,
+    }
+
+
+def validate(raw: dict) -> Config:
+    """Turn the composed config (plain containers) into a checked `Config`."""
+    config = _build(Config, raw, "")
+    if config.data.source == "???":
+        raise ConfigError("data.source is required for data=messages (a .jsonl/.parquet file or a hub dataset name)")
+    if config.student is not None:
+        config.students = {config.student.preset: config.student}
+        config.student = None
+    if not config.students:
+        raise ConfigError("no students: set students (default: tiny and tiny-moe) or add +student=NAME")
+    for name, student in config.students.items():
+        if student.preset not in PRESETS:
+            raise ConfigError(f"students.{name}.preset: unknown size '{student.preset}'; valid: {', '.join(PRESETS)}")
+        if student.init == "pretrained" and not student.pretrained:
+            raise ConfigError(f"students.{name}: init=pretrained needs students.{name}.pretrained=PATH_OR_HUB_NAME")
+        if student.init == "teacher" and student.teacher_layers is None:
+            raise ConfigError(f"students.{name}: init=teacher needs students.{name}.teacher_layers=[i,j,...]")
+    if config.teacher.preset not in PRESETS:
+        raise ConfigError(f"teacher.preset: unknown size '{config.teacher.preset}'; valid: {', '.join(PRESETS)}")
+    if config.teacher.kind == "transformers" and config.teacher.model in (None, "", "???"):
+        raise ConfigError("teacher.model is required for teacher=transformers (a local folder or a hub name)")
+    for stage in config.pipeline.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"pipeline.stages: unknown stage '{stage}'; valid: {', '.join(STAGES)}")
+    for mode in config.pipeline.eval.modes:
+        if mode not in ("think", "no_think"):
+            raise ConfigError(f"pipeline.eval.modes: unknown mode '{mode}'; valid: think, no_think")
+    _check_positive(config)
+    return config
+
+
+def _check_positive(config: Config) -> None:
+    checks = {
+        "pipeline.offpolicy.steps": config.pipeline.offpolicy.steps,
+        "pipeline.offpolicy.batch_size": config.pipeline.offpolicy.batch_size,
+        "pipeline.offpolicy.grad_accum": config.pipeline.offpolicy.grad_accum,
+        "pipeline.offpolicy.top_k": config.pipeline.offpolicy.top_k,
+        "pipeline.offpolicy.prompts": config.pipeline.offpolicy.prompts,
+        "pipeline.offpolicy.max_new_tokens": config.pipeline.offpolicy.max_new_tokens,
+        "pipeline.eval.problems": config.pipeline.eval.problems,
+        "teacher.bootstrap.steps": config.teacher.bootstrap.steps,
+        "loss.temperature": config.loss.temperature,
+    }
+    for key, value in checks.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+
+
+# --- strict conversion of plain containers into dataclasses -------------------------------
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; valid keys{' in ' + path if path else ''}: {', '.join(known)}")
+    values = {}
+    for name, spec in known.items():
+        key = f"{path}.{name}" if path else name
+        if name in data:
+            values[name] = _convert(hints[name], data[name], key)
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"missing config key '{key}'")
+    return cls(**values)
+
+
+def _convert(kind, value: Any, key: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: '{value}' is not a valid choice; valid: {', '.join(map(str, args))}")
+        return value
+    if is_dataclass(kind):
+        return _build(kind, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = args[0]
+        converted = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return converted if origin is list else tuple(converted)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if kind is Any:
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {kind}")

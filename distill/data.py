@@ -1,0 +1,202 @@
+"""Datasets and token batches.
+
+Every source goes through `datasets`: the built-in arithmetic task is written once as JSONL
+files (train/validation/test) and loaded exactly like a user's JSONL/Parquet file or hub
+dataset with a `messages` column. `TokenBatch` is what the training loop consumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.config import ConfigError, DataConfig
+from distill.tokenizer import build_tokenizer
+from eval.tasks import arithmetic
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+SPLITS = ("train", "validation", "test")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The built-in byte-level tokenizer, or a real model's own (path or hub name)."""
+    if name == "builtin":
+        return build_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise ConfigError(f"cannot load tokenizer '{name}' ({str(error).splitlines()[0]}); give a local folder "
+                          "saved by save_pretrained, or a hub name with network access") from None
+
+
+def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
+    """The train/validation/test splits with a `messages` column (and `answer` when present)."""
+    if cfg.source == BUILTIN_ARITHMETIC:
+        data_files = write_builtin_arithmetic(cfg, cache_dir)
+        loaded = datasets.load_dataset("json", data_files=data_files)
+    else:
+        loaded = _load_user_dataset(cfg.source)
+    if cfg.messages_column not in loaded["train"].column_names:
+        raise ConfigError(f"dataset '{cfg.source}' has no '{cfg.messages_column}' column (columns: "
+                          f"{', '.join(loaded['train'].column_names)}); set data.messages_column")
+    if cfg.messages_column != "messages":
+        loaded = loaded.rename_column(cfg.messages_column, "messages")
+    if cfg.answer_column != "answer" and cfg.answer_column in loaded["train"].column_names:
+        loaded = loaded.rename_column(cfg.answer_column, "answer")
+    for split in loaded:
+        if len(loaded[split]) == 0:
+            raise ConfigError(f"dataset '{cfg.source}' split '{split}' is empty")
+    return loaded
+
+
+def _load_user_dataset(source: str) -> datasets.DatasetDict:
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet"):
+        if not path.exists():
+            raise ConfigError(f"data.source file '{source}' does not exist")
+        loaded = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path))
+    else:
+        try:
+            loaded = datasets.load_dataset(source)
+        except Exception as error:  # datasets raises many types for a missing or offline dataset
+            raise ConfigError(f"cannot load dataset '{source}' ({str(error).splitlines()[0]}); give a .jsonl/.parquet "
+                              "file or a hub dataset name with network access") from None
+    if "train" not in loaded:
+        raise ConfigError(f"dataset '{source}' has no 'train' split (splits: {', '.join(loaded)})")
+    if "test" not in loaded:
+        # Hold out a fixed slice so evaluation never sees training prompts.
+        held = loaded["train"].train_test_split(test_size=min(500, max(1, len(loaded["train"]) // 10)), seed=0)
+        loaded = datasets.DatasetDict(train=held["train"], test=held["test"])
+    return loaded
+
+
+def write_builtin_arithmetic(cfg: DataConfig, cache_dir: Path) -> dict[str, str]:
+    """Generate the built-in task's splits once per setting; returns {split: jsonl path}."""
+    settings = asdict(cfg.arithmetic)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / "data" / f"arithmetic-{key}"
+    files = {split: str(folder / f"{split}.jsonl") for split in SPLITS}
+    if all(Path(f).exists() for f in files.values()):
+        return files
+    a = cfg.arithmetic
+    splits = arithmetic.generate_splits(
+        {"train": a.train_size, "validation": a.validation_size, "test": a.test_size},
+        min_steps=a.min_steps, max_steps=a.max_steps, modulus=a.modulus, ops=a.ops, seed=a.seed,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, problems in splits.items():
+        tmp = folder / f".{split}.jsonl.tmp-{os.getpid()}"
+        with open(tmp, "w") as handle:
+            for problem in problems:
+                handle.write(json.dumps({"messages": problem.messages(thinking=True), "answer": problem.answer}) + "\n")
+        os.replace(tmp, files[split])  # atomic: a reader never sees half a split
+    return files
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its final assistant turn."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:end]]
+
+
+def reference_reply(messages: list[dict]) -> str | None:
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+
+
+@dataclass
+class Example:
+    """One training sequence: prompt and response ids, and optionally the teacher's top-k
+    distribution for each response token ([R, K])."""
+
+    prompt: list[int]
+    response: list[int]
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded sequences in logit coordinates: position t predicts input_ids[:, t + 1].
+
+    input_ids, attention_mask: [B, L]; target_mask: [B, L] True where the next token is a
+    response token (prompt tokens never count; the final eos always does);
+    targets: [B, L] the next token; topk_ids / topk_logprobs: [B, L, K] or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_mask: torch.Tensor
+    targets: torch.Tensor
+    topk_ids: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def collate(examples: list[Example], pad_id: int, max_length: int) -> TokenBatch:
+    lengths = [min(len(e.prompt) + len(e.response), max_length) for e in examples]
+    width = max(lengths)
+    batch, k = len(examples), (examples[0].topk_ids.shape[-1] if examples[0].topk_ids is not None else 0)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    target_mask = torch.zeros((batch, width), dtype=torch.bool)
+    targets = torch.zeros((batch, width), dtype=torch.long)
+    topk_ids = torch.zeros((batch, width, k), dtype=torch.long) if k else None
+    topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32) if k else None
+    for row, (example, length) in enumerate(zip(examples, lengths)):
+        sequence = torch.tensor((example.prompt + example.response)[:length])
+        input_ids[row, :length] = sequence
+        attention_mask[row, :length] = 1
+        start = len(example.prompt) - 1          # logit position predicting the first response token
+        stop = length - 1                        # last position that has a next token
+        if stop <= start:
+            continue
+        # Target positions are chosen by index, never by token id: with pad == eos the final eos
+        # still counts.
+        target_mask[row, start:stop] = True
+        targets[row, :stop] = sequence[1:length]
+        if k:
+            topk_ids[row, start:stop] = example.topk_ids[:stop - start].long()
+            topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
+    return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs)
+
+
+def mode_alternating_batches(examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
+                             micro_batches: int = 1, seed: int = 0):
+    """Endless optimizer steps, each a list of `micro_batches` batches, alternating the modes.
+
+    One mode per micro-batch keeps padding low: no_think replies are a few tokens, think
+    replies tens. Each mode's examples are reshuffled every epoch; a mode with no examples is
+    skipped.
+    """
+    rng = random.Random(seed)
+    modes = [mode for mode in examples if examples[mode]]
+    if not modes:
+        raise ValueError("no training examples in any mode")
+    orders: dict[str, list[int]] = {mode: [] for mode in modes}
+    turn = 0
+    while True:
+        step = []
+        for _ in range(micro_batches):
+            mode = modes[turn % len(modes)]
+            turn += 1
+            while len(orders[mode]) < batch_size:
+                order = list(range(len(examples[mode])))
+                rng.shuffle(order)
+                orders[mode].extend(order)
+            chosen, orders[mode] = orders[mode][:batch_size], orders[mode][batch_size:]
+            step.append(collate([examples[mode][i] for i in chosen], pad_id, max_length))
+        yield step

@@ -1,0 +1,288 @@
+"""The strong-to-weak pipeline, top to bottom: teacher -> off-policy distillation -> eval -> release.
+
+`run(config)` is everything `python -m distill` does after the config is validated. Each stage
+is a function of plain objects; the stage list in the config chooses which run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.chat import MODES, render_prompt
+from distill.config import Config, ConfigError, StudentConfig
+from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_tokenizer, mode_alternating_batches,
+                          prompt_messages)
+from distill.memory import check_fits, estimate
+from distill.plots import loss_curves, mode_comparison
+from distill.release import model_card, write_release
+from distill.tracking import Tracker
+from distill.train import Schedule, distillation_objective, fit
+from eval.harness import ModeResult, evaluate, markdown_table
+from eval.tasks import arithmetic
+from students.build import build_random, count_parameters, init_from_teacher, load_pretrained
+from students.presets import Architecture
+from teachers import embedded
+from teachers.transformers_backend import TransformersTeacher
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    results: dict[str, dict[str, ModeResult]] = field(default_factory=dict)
+    releases: dict[str, Path] = field(default_factory=dict)
+    teacher_reused: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run(cfg: Config, *, progress: bool = True) -> RunSummary:
+    started = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
+    tokenizer = load_tokenizer(tokenizer_name(cfg))
+    check_vocabularies_and_memory(cfg, tokenizer, device)  # before anything is allocated or written
+    run_dir = prepare_run_dir(cfg.run_dir)
+
+    summary = RunSummary(run_dir=run_dir)
+    tracker = Tracker(run_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
+                      entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=run_dir.name)
+    try:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        dataset = load_chat_dataset(cfg.data, cache_dir)
+
+        tick = time.perf_counter()
+        teacher_model, teacher_name, summary.teacher_reused = build_teacher(cfg, tokenizer, dataset, cache_dir, tracker,
+                                                                            progress)
+        teacher_model.to(device)
+        teacher = TransformersTeacher(teacher_model, tokenizer, name=teacher_name, progress=progress)
+        summary.seconds["teacher"] = time.perf_counter() - tick
+        tracker.log({"teacher/reused_cache": int(summary.teacher_reused), "perf/teacher_seconds": summary.seconds["teacher"]})
+
+        students: dict[str, PreTrainedModel] = {}
+        if "offpolicy" in cfg.pipeline.stages:
+            tick = time.perf_counter()
+            examples = offpolicy_examples(cfg, teacher, dataset["train"], tracker)
+            summary.seconds["teacher_outputs"] = time.perf_counter() - tick
+            for index, (name, student_cfg) in enumerate(cfg.students.items()):
+                tick = time.perf_counter()
+                student = build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
+                train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress)
+                students[name] = student
+                summary.seconds[f"train/{name}"] = time.perf_counter() - tick
+
+        if "eval" in cfg.pipeline.stages:
+            tick = time.perf_counter()
+            models = {"teacher": teacher_model, **students}
+            summary.results = evaluate_models(cfg, models, tokenizer, dataset["test"], tracker, run_dir, progress)
+            summary.seconds["eval"] = time.perf_counter() - tick
+
+        if "release" in cfg.pipeline.stages:
+            for name, student in students.items():
+                summary.releases[name] = release_student(cfg, name, student, tokenizer, teacher_name, summary.results,
+                                                         run_dir)
+
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        tracker.log_image("train/loss_curves", loss_curves(records, run_dir / "loss_curves.png"))
+        if summary.results:
+            accuracy = {m: {mode: r.accuracy for mode, r in per.items()} for m, per in summary.results.items()}
+            tracker.log_image("eval/think_vs_no_think", mode_comparison(accuracy, run_dir / "think_vs_no_think.png"))
+        summary.seconds["total"] = time.perf_counter() - started
+        tracker.log({"perf/total_seconds": summary.seconds["total"]})
+    finally:
+        tracker.finish()
+    return summary
+
+
+# --- set-up -------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_run_dir(requested: str | None) -> Path:
+    """Create the run directory and prove it is writable before any work starts."""
+    run_dir = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run_dir '{run_dir}' is not writable ({error.strerror}); set run_dir=PATH") from None
+    return run_dir
+
+
+def tokenizer_name(cfg: Config) -> str:
+    """`data.tokenizer`, where "auto" means the built-in tokenizer for the embedded teacher and the
+    teacher's own tokenizer otherwise."""
+    if cfg.data.tokenizer != "auto":
+        return cfg.data.tokenizer
+    return "builtin" if cfg.teacher.kind == "embedded" else cfg.teacher.model
+
+
+def student_architecture(student: StudentConfig) -> Architecture:
+    return student.architecture
+
+
+def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+    """Refuse, before allocating anything, models that cannot use the tokenizer or do not fit."""
+    real = len(tokenizer)
+    if cfg.teacher.kind == "embedded":
+        teacher_arch = embedded.teacher_architecture(cfg.teacher)
+        teacher_params = count_parameters(build_random(teacher_arch, device="meta")).total
+        teacher_vocab = teacher_arch.vocab_size
+    else:
+        try:
+            teacher_config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+        except OSError as error:
+            raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({str(error).splitlines()[0]}); give a "
+                              "local folder saved by save_pretrained, or a hub name with network access") from None
+        teacher_vocab = teacher_config.vocab_size
+        with torch.device("meta"):
+            from transformers import AutoModelForCausalLM
+            teacher_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(teacher_config).parameters())
+    if teacher_vocab < real:
+        raise ConfigError(f"teacher vocab_size {teacher_vocab} is smaller than the tokenizer's {real} tokens: "
+                          "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
+    for name, student in cfg.students.items():
+        arch = student_architecture(student)
+        if student.init != "pretrained" and arch.vocab_size < real:
+            raise ConfigError(
+                f"student '{name}' vocab_size {arch.vocab_size} is smaller than the tokenizer's {real} tokens; set "
+                f"students.{name}.architecture.vocab_size to at least {real} (Qwen3 checkpoints use 151936)")
+        params = count_parameters(build_random(arch, device="meta")).total
+        check_fits(name, estimate(params, teacher_params, cfg.teacher.dtype), device)
+
+
+# --- stages -------------------------------------------------------------------------------
+
+def build_teacher(cfg: Config, tokenizer, dataset, cache_dir: Path, tracker: Tracker, progress: bool):
+    """(model, name, reused_from_cache)."""
+    if cfg.teacher.kind == "embedded":
+        if cfg.data.source != BUILTIN_ARITHMETIC:
+            raise ConfigError("teacher=embedded is trained on the built-in task only; use data=arithmetic, or "
+                              "teacher=transformers teacher.model=PATH_OR_HUB_NAME for your own data")
+        model, folder, reused = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir,
+                                                       tracker, progress=progress)
+        return model, f"embedded tiny Qwen3-MoE teacher ({folder.name})", reused
+    dtype = getattr(torch, cfg.teacher.dtype)
+    model = load_pretrained(cfg.teacher.model, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    return model.eval(), cfg.teacher.model, False
+
+
+def build_student(student: StudentConfig, teacher: PreTrainedModel, *, seed: int) -> PreTrainedModel:
+    if student.init == "pretrained":
+        return load_pretrained(student.pretrained)
+    model = build_random(student_architecture(student), seed=seed)
+    if student.init == "teacher":
+        init_from_teacher(model, teacher, layers=student.teacher_layers, experts=student.teacher_experts)
+    return model
+
+
+def offpolicy_examples(cfg: Config, teacher: TransformersTeacher, train_split, tracker: Tracker) -> dict[str, list[Example]]:
+    """The teacher answers training prompts in both modes with the per-mode sampling; every
+    response token gets the teacher's top-k log-probabilities. Truncated responses (no eos
+    within the budget) are counted and dropped, never trained on as if complete."""
+    stage = cfg.pipeline.offpolicy
+    rows = train_split.select(range(min(stage.prompts, len(train_split))))
+    conversations = [prompt_messages(messages) for messages in rows["messages"]]
+    examples: dict[str, list[Example]] = {}
+    for mode in MODES:
+        prompts = [render_prompt(teacher.tokenizer, c, mode) for c in conversations]
+        generations = teacher.generate(prompts, mode, max_new_tokens=stage.max_new_tokens, seed=stage.seed)
+        kept = [(p, g.ids) for p, g in zip(prompts, generations) if g.finished]
+        scored = teacher.top_k_logprobs([p for p, _ in kept], [r for _, r in kept], stage.top_k)
+        examples[mode] = [Example(p, r, s.ids, s.logprobs) for (p, r), s in zip(kept, scored)]
+        tokens = sum(len(r) for _, r in kept)
+        tracker.log({f"teacher/{mode}/responses": len(kept),
+                     f"teacher/{mode}/truncated": 1 - len(kept) / max(1, len(generations)),
+                     f"teacher/{mode}/mean_response_tokens": tokens / max(1, len(kept)),
+                     f"teacher/{mode}/mean_topk_mass": float(sum(s.logprobs.exp().sum(-1).sum() for s in scored))
+                     / max(1, tokens)})
+    return examples
+
+
+def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]],
+                    tokenizer: PreTrainedTokenizerBase, tracker: Tracker, progress: bool) -> None:
+    stage = cfg.pipeline.offpolicy
+    schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
+                        weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
+    batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
+                                       micro_batches=stage.grad_accum, seed=stage.seed)
+    fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
+        prefix=f"train/{name}", desc=f"distill {name}", progress=progress)
+
+
+def evaluate_models(cfg: Config, models: dict[str, PreTrainedModel], tokenizer, test_split, tracker: Tracker,
+                    run_dir: Path, progress: bool) -> dict[str, dict[str, ModeResult]]:
+    stage = cfg.pipeline.eval
+    rows = test_split.select(range(min(stage.problems, len(test_split))))
+    prompts = [prompt_messages(m) for m in rows["messages"]]
+    answers = [str(a) for a in rows["answer"]] if "answer" in rows.column_names else \
+        [m[-1]["content"].split("</think>")[-1].strip() for m in rows["messages"]]
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate(model, tokenizer, prompts, answers, modes=stage.modes, checker=arithmetic.is_correct
+                                 if cfg.data.source == BUILTIN_ARITHMETIC else _exact_match,
+                                 extractor=arithmetic.extract_answer if cfg.data.source == BUILTIN_ARITHMETIC
+                                 else _final_text, max_new_tokens=stage.max_new_tokens, batch_size=stage.batch_size,
+                                 desc=f"eval {name}", progress=progress)
+        for mode, result in results[name].items():
+            tracker.log({f"eval/{mode}/{name}/{k}": v for k, v in result.summary().items()})
+    table = markdown_table(results)
+    rows_out = [[model, mode, r.accuracy, r.mean_thinking_tokens, r.mean_answer_tokens, r.truncated, r.format_errors]
+                for model, per in results.items() for mode, r in per.items()]
+    tracker.log_table("eval/table", ["model", "mode", "accuracy", "mean_thinking_tokens", "mean_answer_tokens",
+                                     "truncated", "format_errors"], rows_out)
+    _write_atomic(run_dir / "eval.md", table + "\n")
+    _write_atomic(run_dir / "eval.json", json.dumps(
+        {m: {mode: {**r.summary(), "samples": r.samples} for mode, r in per.items()} for m, per in results.items()},
+        indent=1))
+    return results
+
+
+def _final_text(response: str) -> str | None:
+    final = response.split("</think>")[-1].strip()
+    return final or None
+
+
+def _exact_match(response: str, answer: str) -> bool:
+    return _final_text(response) == answer.strip()
+
+
+def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer, teacher_name: str,
+                    results: dict[str, dict[str, ModeResult]], run_dir: Path) -> Path:
+    stage = cfg.pipeline.offpolicy
+    shown = {k: v for k, v in results.items() if k in ("teacher", name)}
+    card = model_card(
+        name=f"distill-{name}", preset=cfg.students[name].preset, parameters=count_parameters(student).total,
+        teacher=teacher_name,
+        recipe=[f"off-policy distillation: the teacher answered {stage.prompts} training prompts in both modes "
+                f"(thinking T 0.6 / top-p 0.95 / top-k 20; non-thinking T 0.7 / top-p 0.8 / top-k 20)",
+                f"loss: {cfg.loss.divergence} over the teacher's top-{stage.top_k} log-probabilities "
+                f"(missing mass: {cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, "
+                f"temperature {cfg.loss.temperature}",
+                f"{stage.steps} optimizer steps of {stage.batch_size * stage.grad_accum} sequences, AdamW lr {stage.lr}, "
+                f"warm-up {stage.warmup_steps} then cosine",
+                f"student init: {cfg.students[name].init}"],
+        eval_table=markdown_table(shown) if shown else "Not evaluated in this run.",
+    )
+    return write_release(run_dir / "release" / name, student, tokenizer, card)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

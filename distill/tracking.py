@@ -1,0 +1,94 @@
+"""Run logging: Weights & Biases, and the project's own metrics JSONL in the run directory.
+
+W&B runs online when an API key is configured and offline otherwise (the run still syncs
+later with `wandb sync`); `logger=none` turns it off. The JSONL is always written: it is what
+tests, plots and the model card read. Metric names are grouped by prefix: train/, teacher/,
+eval/think/, eval/no_think/, moe/, perf/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, *, logger: str = "none", config: dict | None = None, project: str = "distill",
+                 entity: str | None = None, mode: str = "auto", run_name: str | None = None):
+        self.run_dir = run_dir
+        self.path = run_dir / METRICS_FILE
+        self._handle = open(self.path, "a", buffering=1)
+        self._started = time.time()
+        self._wandb = None
+        self.wandb_mode = "disabled"
+        if logger == "wandb":
+            self._wandb = self._start_wandb(config or {}, project, entity, mode, run_name)
+
+    def _start_wandb(self, config, project, entity, mode, run_name):
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if _has_wandb_key() else "offline"
+        try:
+            run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
+                             name=run_name, reinit="finish_previous")
+        except Exception as error:  # network or auth failure: keep training, log offline
+            print(f"warning: W&B {mode} failed ({str(error).splitlines()[0]}); logging offline instead")
+            mode = "offline"
+            run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
+                             name=run_name, reinit="finish_previous")
+        self.wandb_mode = mode
+        return run
+
+    def define_axis(self, prefix: str) -> None:
+        """Plot `prefix/*` against `prefix/step`, so stages run one after the other (two students,
+        the teacher bootstrap) each start at step 0 in W&B."""
+        if self._wandb is not None:
+            self._wandb.define_metric(f"{prefix}/step")
+            self._wandb.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+            name = prefix.removeprefix("train/").removesuffix("/bootstrap")
+            for group in ("moe", "perf"):
+                self._wandb.define_metric(f"{group}/{name}/*", step_metric=f"{prefix}/step")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        record = {"time": round(time.time() - self._started, 3), **metrics}
+        self._handle.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        self._handle.write(json.dumps({"time": round(time.time() - self._started, 3), "table": name,
+                                       "columns": columns, "rows": rows}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, name: str, path: Path) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(str(path))})
+
+    def finish(self) -> None:
+        self._handle.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,163 @@
+"""The training loop shared by every stage: setup, step, loop. No Trainer class, no callbacks.
+
+A stage supplies an `Objective`: a function from (model, micro-batch, target tokens in the whole
+optimizer step) to (loss, metrics). Dividing by the step's token count, not the micro-batch's,
+makes gradient accumulation exact: the step's gradient is that of one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from distill import losses
+from distill.config import LossConfig
+from distill.data import TokenBatch
+from distill.tracking import Tracker
+
+Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Schedule:
+    steps: int
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    final_lr_fraction: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to `final_lr_fraction` of the peak."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
+
+
+def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: Objective, schedule: Schedule, *,
+        tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10) -> list[dict]:
+    """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
+    micro-batches of one step. Returns the logged records."""
+    device = next(model.parameters()).device
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    tracker.define_axis(prefix)
+    model.train()
+    records, started = [], time.perf_counter()
+    tokens_seen, sums, count = 0, {}, 0
+    bar = tqdm(range(schedule.steps), desc=desc, disable=not progress)
+    for step in bar:
+        micro_batches = next(batches)
+        step_tokens = sum(b.num_targets for b in micro_batches)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in micro_batches:
+            loss, metrics = objective(model, _to(micro, device), step_tokens)
+            loss.backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step}; lower the learning rate")
+        optimizer.step()
+        tokens_seen += step_tokens
+        count += 1
+        if (step + 1) % log_every == 0 or step + 1 == schedule.steps:
+            elapsed = time.perf_counter() - started
+            record = {_metric_name(prefix, k): v / count for k, v in sums.items()}
+            record.update({f"{prefix}/lr": schedule.lr_at(step), f"{prefix}/grad_norm": float(grad_norm),
+                           f"{prefix}/step": step + 1, f"{prefix}/target_tokens": tokens_seen,
+                           f"perf/{_model_name(prefix)}/tokens_per_s": tokens_seen / elapsed})
+            tracker.log(record)
+            records.append(record)
+            bar.set_postfix({k.rsplit("/", 1)[-1]: f"{v / count:.3f}" for k, v in sums.items()})
+            sums, count = {}, 0
+    model.eval()
+    return records
+
+
+def _model_name(prefix: str) -> str:
+    """"train/dense" -> "dense", "teacher/bootstrap" -> "teacher"."""
+    return prefix.removeprefix("train/").removesuffix("/bootstrap")
+
+
+def _metric_name(prefix: str, key: str) -> str:
+    # Router statistics go to the moe/ group (with the step counter of their stage).
+    if key.startswith("moe_"):
+        return f"moe/{_model_name(prefix)}/{key.removeprefix('moe_')}"
+    return f"{prefix}/{key}"
+
+
+def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
+    if device.type == "cpu":
+        return batch
+    return TokenBatch(*(t.to(device) if t is not None else None for t in
+                        (batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets,
+                         batch.topk_ids, batch.topk_logprobs)))
+
+
+def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
+    is_moe = hasattr(model.config, "num_experts")
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=is_moe,
+                use_cache=False)
+    # Only the tokenizer's real tokens: embedding rows past it are padding, never predicted.
+    logits = out.logits[batch.target_mask][:, :real_vocab]
+    aux = out.aux_loss if is_moe else None
+    return logits, aux
+
+
+def _moe_term(model: PreTrainedModel, aux: torch.Tensor | None, micro_share: float, metrics: dict) -> torch.Tensor:
+    """The student's router load-balancing loss (Switch style), weighted by its config's coef.
+
+    It is a per-micro-batch mean, so it is weighted by the micro-batch's share of the step.
+    """
+    if aux is None:
+        return torch.zeros(())
+    metrics["moe_aux_loss"] = float(aux.detach())
+    return model.config.router_aux_loss_coef * aux * micro_share
+
+
+def cross_entropy_objective(real_vocab: int) -> Objective:
+    """Plain next-token cross-entropy on response tokens (the teacher bootstrap, and SFT)."""
+
+    def objective(model, batch, step_tokens):
+        logits, aux = _forward(model, batch, real_vocab)
+        ce = losses.cross_entropy(logits, batch.targets[batch.target_mask])
+        metrics = {"ce": float(ce.detach().mean())}
+        loss = ce.sum() / step_tokens + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
+        return loss, metrics
+
+    return objective
+
+
+def distillation_objective(loss_cfg: LossConfig, real_vocab: int) -> Objective:
+    """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix."""
+    scale = loss_cfg.temperature ** 2 if loss_cfg.scale_by_temperature_squared else 1.0
+
+    def objective(model, batch, step_tokens):
+        logits, aux = _forward(model, batch, real_vocab)
+        kd = losses.forward_kl(logits, batch.topk_ids[batch.target_mask], batch.topk_logprobs[batch.target_mask],
+                               missing_mass=loss_cfg.missing_mass, temperature=loss_cfg.temperature)
+        per_token = scale * kd
+        metrics = {"kd_loss": float(kd.detach().mean())}
+        if loss_cfg.ce_weight:
+            ce = losses.cross_entropy(logits, batch.targets[batch.target_mask])
+            per_token = per_token + loss_cfg.ce_weight * ce
+            metrics["ce"] = float(ce.detach().mean())
+        loss = per_token.sum() / step_tokens + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
+        return loss, metrics
+
+    return objective

@@ -1,0 +1,177 @@
+"""Build Qwen3 models from a size preset: random init, a pretrained checkpoint, or a teacher's blocks.
+
+Models are transformers' `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`; this module only turns an
+`Architecture` into their config, counts parameters, and copies weights between them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from students.presets import Architecture
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The ids a config carries (Qwen3: bos 151643, eos 151645, pad 151643)."""
+
+    bos: int | None
+    eos: int
+    pad: int
+
+
+QWEN3_TOKEN_IDS = TokenIds(bos=151643, eos=151645, pad=151643)
+
+
+def default_token_ids(arch: Architecture) -> TokenIds:
+    """Qwen3's ids for a Qwen3-vocabulary model; the built-in tokenizer's for the tiny presets."""
+    if arch.vocab_size > QWEN3_TOKEN_IDS.eos:
+        return QWEN3_TOKEN_IDS
+    from distill.tokenizer import BUILTIN_TOKEN_IDS
+    return BUILTIN_TOKEN_IDS
+
+
+def hf_config(arch: Architecture, token_ids: TokenIds | None = None) -> Qwen3Config | Qwen3MoeConfig:
+    """The transformers config for an architecture (fields map 1:1)."""
+    token_ids = token_ids or default_token_ids(arch)
+    common = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        rms_norm_eps=arch.rms_norm_eps,
+        attention_bias=False,
+        use_sliding_window=False,
+        hidden_act="silu",
+        bos_token_id=token_ids.bos,
+        eos_token_id=token_ids.eos,
+        pad_token_id=token_ids.pad,
+    )
+    if not arch.is_moe:
+        return Qwen3Config(**common)
+    # Set every MoE field: Qwen3MoeConfig's defaults (norm_topk_prob false) differ from the release.
+    return Qwen3MoeConfig(
+        **common,
+        num_experts=arch.num_experts,
+        num_experts_per_tok=arch.num_experts_per_tok,
+        moe_intermediate_size=arch.moe_intermediate_size,
+        norm_topk_prob=arch.norm_topk_prob,
+        router_aux_loss_coef=arch.router_aux_loss_coef,
+        decoder_sparse_step=arch.decoder_sparse_step,
+        mlp_only_layers=list(arch.mlp_only_layers),
+    )
+
+
+def build_random(arch: Architecture, token_ids: TokenIds | None = None, *,
+                 device: str | torch.device = "cpu", seed: int | None = None) -> PreTrainedModel:
+    """A randomly initialised model (transformers' init, std = initializer_range). On the
+    `meta` device nothing is allocated: that is how the size table is checked."""
+    config = hf_config(arch, token_ids)
+    model_class = Qwen3MoeForCausalLM if arch.is_moe else Qwen3ForCausalLM
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class(config)
+    return model
+
+
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A checkpoint from a local folder or a hub name, as transformers loads it."""
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    non_embedding: int  # without the input embedding and the output head (tied or not)
+    activated: int      # per token: all but the experts a token does not use
+
+
+def count_parameters(model: PreTrainedModel) -> ParameterCount:
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    num_experts = getattr(config, "num_experts", 0) or 0
+    idle = experts * (num_experts - config.num_experts_per_tok) // num_experts if num_experts else 0
+    return ParameterCount(total=total, non_embedding=total - embedding, activated=total - idle)
+
+
+class TeacherInitError(ValueError):
+    """The teacher's blocks cannot seed this student (shapes or kinds differ)."""
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
+                      layers: list[int], experts: list[int] | None = None) -> None:
+    """Copy the teacher's embeddings, final norm, head and the chosen `layers` into the student.
+
+    Student layer i takes teacher layer `layers[i]`. A MoE student from a MoE teacher also takes
+    the chosen `experts` (their router rows and fused expert weights), in order. Every student
+    tensor is overwritten; anything that cannot be taken raises `TeacherInitError` naming it.
+    """
+    s_cfg, t_cfg = student.config, teacher.config
+    s_moe, t_moe = hasattr(s_cfg, "num_experts"), hasattr(t_cfg, "num_experts")
+    if len(layers) != s_cfg.num_hidden_layers:
+        raise TeacherInitError(f"teacher_layers has {len(layers)} entries but the student has {s_cfg.num_hidden_layers} layers")
+    if any(not 0 <= i < t_cfg.num_hidden_layers for i in layers):
+        raise TeacherInitError(f"teacher_layers {layers} out of range: the teacher has {t_cfg.num_hidden_layers} layers")
+    for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        if getattr(s_cfg, name) != getattr(t_cfg, name):
+            raise TeacherInitError(
+                f"student {name}={getattr(s_cfg, name)} but teacher {name}={getattr(t_cfg, name)}: "
+                "to start from the teacher's blocks these must match (use init=random, or override the student's size)"
+            )
+    if s_moe != t_moe:
+        raise TeacherInitError(
+            f"a {'MoE' if s_moe else 'dense'} student cannot take the MLP blocks of a {'MoE' if t_moe else 'dense'} "
+            "teacher; use init=random or a student of the teacher's kind"
+        )
+    if s_moe:
+        experts = list(range(s_cfg.num_experts)) if experts is None else experts
+        if len(experts) != s_cfg.num_experts or any(not 0 <= e < t_cfg.num_experts for e in experts):
+            raise TeacherInitError(
+                f"teacher_experts must list {s_cfg.num_experts} expert ids in 0..{t_cfg.num_experts - 1}, got {experts}"
+            )
+        if s_cfg.moe_intermediate_size != t_cfg.moe_intermediate_size:
+            raise TeacherInitError(
+                f"student moe_intermediate_size={s_cfg.moe_intermediate_size} but teacher's is {t_cfg.moe_intermediate_size}"
+            )
+    elif s_cfg.intermediate_size != t_cfg.intermediate_size:
+        raise TeacherInitError(
+            f"student intermediate_size={s_cfg.intermediate_size} but teacher's is {t_cfg.intermediate_size}"
+        )
+
+    source = teacher.state_dict()
+    taken = {}
+    for key, tensor in student.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        teacher_key = key if match is None else f"model.layers.{layers[int(match.group(1))]}.{match.group(2)}"
+        if teacher_key not in source:
+            raise TeacherInitError(f"teacher has no tensor '{teacher_key}' for student '{key}'")
+        value = source[teacher_key]
+        if s_moe and (".mlp.experts." in key or key.endswith(".mlp.gate.weight")):
+            value = value[torch.tensor(experts)]  # experts are the leading dimension of these
+        if value.shape != tensor.shape:
+            raise TeacherInitError(f"'{key}': student shape {tuple(tensor.shape)} vs teacher {tuple(value.shape)}")
+        taken[key] = value.detach().clone()
+    student.load_state_dict(taken, strict=True)

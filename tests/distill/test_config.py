@@ -1,0 +1,81 @@
+"""Every conf option composes, validates and builds on meta; bad input fails with one line."""
+
+from pathlib import Path
+
+import pytest
+
+from conf import CONF_DIR
+from distill.__main__ import load_config, main
+from distill.config import ConfigError
+from students.build import build_random, count_parameters
+from students.presets import PRESETS
+from teachers.embedded import teacher_architecture
+
+GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+                 for group in ("teacher", "data", "loss", "pipeline")}
+REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages": ["data.source=x.jsonl"]}
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g, options in GROUP_OPTIONS.items() for o in options])
+def test_every_conf_file_composes_and_validates(override):
+    config, _ = load_config([override, *REQUIRED.get(override, [])])
+    assert config.students
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_student_preset_composes_and_builds_on_meta(preset):
+    config, _ = load_config([f"+student={preset}"])
+    assert list(config.students) == [preset]
+    arch = config.students[preset].architecture
+    assert arch == PRESETS[preset]
+    model = build_random(arch, device="meta")
+    assert count_parameters(model).total > 0
+
+
+def test_default_run_has_a_dense_and_a_moe_student_and_a_moe_teacher():
+    config, _ = load_config([])
+    assert {n: s.architecture.is_moe for n, s in config.students.items()} == {"dense": False, "moe": True}
+    teacher = teacher_architecture(config.teacher)
+    assert teacher.is_moe
+    sizes = {n: count_parameters(build_random(s.architecture, device="meta")).total for n, s in config.students.items()}
+    assert count_parameters(build_random(teacher, device="meta")).total > 2 * max(sizes.values())
+
+
+def test_cfg_job_prints_the_student_architecture(capsys):
+    assert main(["+student=4b", "--cfg", "job"]) == 0
+    printed = capsys.readouterr().out
+    assert "4b:" in printed and "hidden_size: 2560" in printed and "head_dim: 128" in printed
+    assert "dense:" not in printed  # +student replaces the default pair
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+student=5b"], "unknown student '5b'; valid: tiny, tiny-moe, 0.6b"),
+    (["students.dense.lrr=1"], "unknown config key 'students.dense.lrr'; valid keys in students.dense: preset"),
+    (["+pipeline.offpolicy.stepz=3"], "unknown config key 'pipeline.offpolicy.stepz'"),
+    (["pipeline.offpolicy.steps=abc"], "pipeline.offpolicy.steps: expected an integer, got 'abc'"),
+    (["loss.missing_mass=drop"], "'drop' is not a valid choice; valid: tail, renormalize"),
+    (["teacher=nope"], "unknown teacher 'nope'; valid: embedded, transformers"),
+    (["teacher=transformers"], "teacher.model is required"),
+    (["pipeline.stages=[teacher,dance]"], "unknown stage 'dance'"),
+    (["+student=4b", "logger=none"], "student '4b' needs about"),
+])
+def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main([*args, f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    # Nothing half-written: failing before training leaves no metrics, checkpoints or releases.
+    assert not (tmp_path / "run" / "release").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_memory_refusal_names_the_parts_and_the_ways_out(tmp_path, capsys):
+    main(["+student=32b", f"run_dir={tmp_path}", "logger=none"])
+    err = capsys.readouterr().err
+    for part in ("weights", "gradients", "AdamW state", "smaller preset", "FSDP", "8-bit optimizer"):
+        assert part in err
+
+
+def test_load_config_rejects_bad_override_syntax():
+    with pytest.raises(ConfigError):
+        load_config(["seed=="])
