@@ -35,9 +35,9 @@ class StudentConfig:
 class BootstrapConfig:
     """How the embedded teacher learns the built-in task (both modes, cross-entropy)."""
 
-    steps: int = 1500
+    steps: int = 2400
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 4e-3
     warmup_steps: int = 50
     seed: int = 0
 
@@ -57,10 +57,10 @@ class TeacherConfig:
 
 @dataclass
 class ArithmeticConfig:
-    min_steps: int = 4          # operations per chain: the difficulty knob
-    max_steps: int = 7
+    min_steps: int = 3          # operations per chain: the difficulty knob
+    max_steps: int = 5
     modulus: int = 10
-    ops: str = "+-*"
+    ops: str = "+*"
     train_size: int = 50000
     validation_size: int = 500
     test_size: int = 500
@@ -144,6 +144,7 @@ class Config:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0            # torch intra-op threads; 0 = one per core
+    student_workers: int = 0    # processes training students; 0 = auto (one per student on a CPU)
     logger: Literal["wandb", "none"] = "wandb"
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # `+student=NAME` on the command line: replaces the default `students` with this one.

@@ -140,13 +140,14 @@ class TokenBatch:
     targets: torch.Tensor
     topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
+    mode: str | None = None     # "think" / "no_think" when every row is of one mode
 
     @property
     def num_targets(self) -> int:
         return int(self.target_mask.sum())
 
 
-def collate(examples: list[Example], pad_id: int, max_length: int) -> TokenBatch:
+def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | None = None) -> TokenBatch:
     lengths = [min(len(e.prompt) + len(e.response), max_length) for e in examples]
     width = max(lengths)
     batch, k = len(examples), (examples[0].topk_ids.shape[-1] if examples[0].topk_ids is not None else 0)
@@ -171,7 +172,7 @@ def collate(examples: list[Example], pad_id: int, max_length: int) -> TokenBatch
         if k:
             topk_ids[row, start:stop] = example.topk_ids[:stop - start].long()
             topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
-    return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs)
+    return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs, mode)
 
 
 def mode_alternating_batches(examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
@@ -198,5 +199,5 @@ def mode_alternating_batches(examples: dict[str, list[Example]], batch_size: int
                 rng.shuffle(order)
                 orders[mode].extend(order)
             chosen, orders[mode] = orders[mode][:batch_size], orders[mode][batch_size:]
-            step.append(collate([examples[mode][i] for i in chosen], pad_id, max_length))
+            step.append(collate([examples[mode][i] for i in chosen], pad_id, max_length, mode))
         yield step

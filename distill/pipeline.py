@@ -27,7 +27,6 @@ from distill.train import Schedule, distillation_objective, fit
 from eval.harness import ModeResult, evaluate, markdown_table
 from eval.tasks import arithmetic
 from students.build import build_random, count_parameters, init_from_teacher, load_pretrained
-from students.presets import Architecture
 from teachers import embedded
 from teachers.transformers_backend import TransformersTeacher
 
@@ -62,7 +61,8 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         teacher_model, teacher_name, summary.teacher_reused = build_teacher(cfg, tokenizer, dataset, cache_dir, tracker,
                                                                             progress)
         teacher_model.to(device)
-        teacher = TransformersTeacher(teacher_model, tokenizer, name=teacher_name, progress=progress)
+        teacher = TransformersTeacher(teacher_model, tokenizer, name=teacher_name, progress=progress,
+                                      generation_batch_size=cfg.pipeline.offpolicy.generation_batch_size)
         summary.seconds["teacher"] = time.perf_counter() - tick
         tracker.log({"teacher/reused_cache": int(summary.teacher_reused), "perf/teacher_seconds": summary.seconds["teacher"]})
 
@@ -71,12 +71,16 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             tick = time.perf_counter()
             examples = offpolicy_examples(cfg, teacher, dataset["train"], tracker)
             summary.seconds["teacher_outputs"] = time.perf_counter() - tick
-            for index, (name, student_cfg) in enumerate(cfg.students.items()):
-                tick = time.perf_counter()
-                student = build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
-                train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress)
-                students[name] = student
-                summary.seconds[f"train/{name}"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            workers = student_workers(cfg, device)
+            if workers > 1:
+                students = train_students_in_workers(cfg, examples, tokenizer, tracker, run_dir, workers, progress)
+            else:
+                for index, (name, student_cfg) in enumerate(cfg.students.items()):
+                    student = build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
+                    train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress)
+                    students[name] = student
+            summary.seconds["train_students"] = time.perf_counter() - tick
 
         if "eval" in cfg.pipeline.stages:
             tick = time.perf_counter()
@@ -90,7 +94,9 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
                                                          run_dir)
 
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        tracker.log_image("train/loss_curves", loss_curves(records, run_dir / "loss_curves.png"))
+        curves = loss_curves(records, run_dir / "loss_curves.png")
+        if curves is not None:
+            tracker.log_image("train/loss_curves", curves)
         if summary.results:
             accuracy = {m: {mode: r.accuracy for mode, r in per.items()} for m, per in summary.results.items()}
             tracker.log_image("eval/think_vs_no_think", mode_comparison(accuracy, run_dir / "think_vs_no_think.png"))
@@ -132,10 +138,6 @@ def tokenizer_name(cfg: Config) -> str:
     return "builtin" if cfg.teacher.kind == "embedded" else cfg.teacher.model
 
 
-def student_architecture(student: StudentConfig) -> Architecture:
-    return student.architecture
-
-
 def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
     """Refuse, before allocating anything, models that cannot use the tokenizer or do not fit."""
     real = len(tokenizer)
@@ -157,7 +159,7 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
         raise ConfigError(f"teacher vocab_size {teacher_vocab} is smaller than the tokenizer's {real} tokens: "
                           "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
     for name, student in cfg.students.items():
-        arch = student_architecture(student)
+        arch = student.architecture
         if student.init != "pretrained" and arch.vocab_size < real:
             raise ConfigError(
                 f"student '{name}' vocab_size {arch.vocab_size} is smaller than the tokenizer's {real} tokens; set "
@@ -182,10 +184,10 @@ def build_teacher(cfg: Config, tokenizer, dataset, cache_dir: Path, tracker: Tra
     return model.eval(), cfg.teacher.model, False
 
 
-def build_student(student: StudentConfig, teacher: PreTrainedModel, *, seed: int) -> PreTrainedModel:
+def build_student(student: StudentConfig, teacher: PreTrainedModel | None, *, seed: int) -> PreTrainedModel:
     if student.init == "pretrained":
         return load_pretrained(student.pretrained)
-    model = build_random(student_architecture(student), seed=seed)
+    model = build_random(student.architecture, seed=seed)
     if student.init == "teacher":
         init_from_teacher(model, teacher, layers=student.teacher_layers, experts=student.teacher_experts)
     return model
@@ -216,13 +218,69 @@ def offpolicy_examples(cfg: Config, teacher: TransformersTeacher, train_split, t
 
 def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]],
                     tokenizer: PreTrainedTokenizerBase, tracker: Tracker, progress: bool) -> None:
+    _fit_offpolicy(cfg, name, student, examples, tokenizer.pad_token_id, len(tokenizer), tracker, progress)
+
+
+def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], pad_id: int,
+                   real_vocab: int, tracker: Tracker, progress: bool, position: int = 0) -> None:
     stage = cfg.pipeline.offpolicy
     schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
                         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
-    batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
+    batches = mode_alternating_batches(examples, stage.batch_size, pad_id, cfg.data.max_length,
                                        micro_batches=stage.grad_accum, seed=stage.seed)
-    fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
-        prefix=f"train/{name}", desc=f"distill {name}", progress=progress)
+    fit(student, batches, distillation_objective(cfg.loss, real_vocab), schedule, tracker=tracker,
+        prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position)
+
+
+def student_workers(cfg: Config, device: torch.device) -> int:
+    """How many processes train the students: one per student on a multi-core CPU (each with
+    its share of the cores; tiny models use cores far better this way than with more threads),
+    one otherwise. Students seeded from the teacher's blocks train in this process."""
+    if cfg.student_workers:
+        return cfg.student_workers
+    if device.type != "cpu" or any(s.init == "teacher" for s in cfg.students.values()):
+        return 1
+    cores = cfg.threads or os.cpu_count() or 1
+    return max(1, min(len(cfg.students), cores))
+
+
+def train_students_in_workers(cfg: Config, examples, tokenizer, tracker: Tracker, run_dir: Path, workers: int,
+                              progress: bool) -> dict[str, PreTrainedModel]:
+    """Train each student in its own process; their metrics are replayed into this run's log."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (cfg.threads or os.cpu_count() or 1) // workers)
+    jobs = {}
+    # spawn, not fork: a forked child inherits this process's torch thread pools and locks.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for index, (name, student_cfg) in enumerate(cfg.students.items()):
+            jobs[name] = pool.submit(_train_student_worker, cfg, name, cfg.seed + index, examples,
+                                     tokenizer.pad_token_id, len(tokenizer), str(run_dir), threads, index, progress)
+        results = {name: job.result() for name, job in jobs.items()}
+    students = {}
+    for index, (name, student_cfg) in enumerate(cfg.students.items()):
+        state, records = results[name]
+        student = build_student(student_cfg, None, seed=cfg.seed + index)
+        student.load_state_dict(state)
+        students[name] = student.eval()
+        tracker.replay(records)
+    return students
+
+
+def _train_student_worker(cfg: Config, name: str, seed: int, examples, pad_id: int, real_vocab: int, run_dir: str,
+                          threads: int, position: int, progress: bool):
+    torch.set_num_threads(threads)
+    worker_tracker = Tracker(Path(run_dir), metrics_file=f".metrics-{name}.jsonl")
+    try:
+        student = build_student(cfg.students[name], None, seed=seed)
+        _fit_offpolicy(cfg, name, student, examples, pad_id, real_vocab, worker_tracker, progress, position)
+    finally:
+        worker_tracker.finish()
+    path = worker_tracker.path
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.unlink()
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}, records
 
 
 def evaluate_models(cfg: Config, models: dict[str, PreTrainedModel], tokenizer, test_split, tracker: Tracker,

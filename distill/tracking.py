@@ -19,9 +19,10 @@ METRICS_FILE = "metrics.jsonl"
 
 class Tracker:
     def __init__(self, run_dir: Path, *, logger: str = "none", config: dict | None = None, project: str = "distill",
-                 entity: str | None = None, mode: str = "auto", run_name: str | None = None):
+                 entity: str | None = None, mode: str = "auto", run_name: str | None = None,
+                 metrics_file: str = METRICS_FILE):
         self.run_dir = run_dir
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir / metrics_file
         self._handle = open(self.path, "a", buffering=1)
         self._started = time.time()
         self._wandb = None
@@ -58,6 +59,15 @@ class Tracker:
     def log(self, metrics: dict[str, Any]) -> None:
         record = {"time": round(time.time() - self._started, 3), **metrics}
         self._handle.write(json.dumps(record) + "\n")
+        self._to_wandb(metrics)
+
+    def replay(self, records: list[dict]) -> None:
+        """Log records another process wrote (a student trained in a worker), keeping them whole."""
+        for record in records:
+            self._handle.write(json.dumps(record) + "\n")
+            self._to_wandb({k: v for k, v in record.items() if k != "time"})
+
+    def _to_wandb(self, metrics: dict[str, Any]) -> None:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 

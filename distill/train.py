@@ -43,7 +43,8 @@ class Schedule:
 
 
 def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: Objective, schedule: Schedule, *,
-        tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10) -> list[dict]:
+        tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
+        position: int = 0) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
     micro-batches of one step. Returns the logged records."""
     device = next(model.parameters()).device
@@ -56,8 +57,10 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
     tracker.define_axis(prefix)
     model.train()
     records, started = [], time.perf_counter()
-    tokens_seen, sums, count = 0, {}, 0
-    bar = tqdm(range(schedule.steps), desc=desc, disable=not progress)
+    # Metric sums and how many micro-batches reported each (a per-mode metric appears only in
+    # that mode's micro-batches).
+    tokens_seen, sums, counts = 0, {}, {}
+    bar = tqdm(range(schedule.steps), desc=desc, disable=not progress, position=position)
     for step in bar:
         micro_batches = next(batches)
         step_tokens = sum(b.num_targets for b in micro_batches)
@@ -69,22 +72,23 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             loss.backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step}; lower the learning rate")
         optimizer.step()
         tokens_seen += step_tokens
-        count += 1
         if (step + 1) % log_every == 0 or step + 1 == schedule.steps:
             elapsed = time.perf_counter() - started
-            record = {_metric_name(prefix, k): v / count for k, v in sums.items()}
+            means = {k: v / counts[k] for k, v in sums.items()}
+            record = {_metric_name(prefix, k): v for k, v in means.items()}
             record.update({f"{prefix}/lr": schedule.lr_at(step), f"{prefix}/grad_norm": float(grad_norm),
                            f"{prefix}/step": step + 1, f"{prefix}/target_tokens": tokens_seen,
                            f"perf/{_model_name(prefix)}/tokens_per_s": tokens_seen / elapsed})
             tracker.log(record)
             records.append(record)
-            bar.set_postfix({k.rsplit("/", 1)[-1]: f"{v / count:.3f}" for k, v in sums.items()})
-            sums, count = {}, 0
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if "_" not in k})
+            sums, counts = {}, {}
     model.eval()
     return records
 
@@ -106,7 +110,7 @@ def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
         return batch
     return TokenBatch(*(t.to(device) if t is not None else None for t in
                         (batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets,
-                         batch.topk_ids, batch.topk_logprobs)))
+                         batch.topk_ids, batch.topk_logprobs)), mode=batch.mode)
 
 
 def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
@@ -137,6 +141,8 @@ def cross_entropy_objective(real_vocab: int) -> Objective:
         logits, aux = _forward(model, batch, real_vocab)
         ce = losses.cross_entropy(logits, batch.targets[batch.target_mask])
         metrics = {"ce": float(ce.detach().mean())}
+        if batch.mode:
+            metrics[f"ce_{batch.mode}"] = metrics["ce"]
         loss = ce.sum() / step_tokens + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
         return loss, metrics
 
@@ -153,6 +159,8 @@ def distillation_objective(loss_cfg: LossConfig, real_vocab: int) -> Objective:
                                missing_mass=loss_cfg.missing_mass, temperature=loss_cfg.temperature)
         per_token = scale * kd
         metrics = {"kd_loss": float(kd.detach().mean())}
+        if batch.mode:
+            metrics[f"kd_loss_{batch.mode}"] = metrics["kd_loss"]
         if loss_cfg.ce_weight:
             ce = losses.cross_entropy(logits, batch.targets[batch.target_mask])
             per_token = per_token + loss_cfg.ce_weight * ce

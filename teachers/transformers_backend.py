@@ -13,11 +13,12 @@ from teachers.base import TopK
 
 class TransformersTeacher:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str,
-                 batch_size: int = 64, progress: bool = True):
+                 batch_size: int = 64, generation_batch_size: int = 256, progress: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # sequences per scoring forward pass
+        self.generation_batch_size = generation_batch_size
         self.progress = progress
         # Logits beyond the tokenizer's real tokens are embedding padding, never a prediction.
         self.real_vocab = len(tokenizer)
@@ -26,7 +27,7 @@ class TransformersTeacher:
                  sampled: bool = True) -> list[Generation]:
         sampling = MODE_SAMPLING[check_mode(mode)] if sampled else None
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                        batch_size=max(self.batch_size, 1) * 4, seed=seed, desc=f"teacher generates ({mode})",
+                        batch_size=self.generation_batch_size, seed=seed, desc=f"teacher generates ({mode})",
                         progress=self.progress)
 
     @torch.no_grad()

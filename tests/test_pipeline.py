@@ -84,3 +84,74 @@ def test_wandb_offline_run_and_metrics_file(tiny_run_overrides, tmp_path):
     summary = run(config, progress=False)
     assert list((summary.run_dir / "wandb").glob("offline-run-*"))
     assert any("teacher/bootstrap/ce" in r for r in read_metrics(summary.run_dir))
+
+
+def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(tiny_run_overrides, tmp_path):
+    """The hub-name code path, exercised with folders written by save_pretrained: a teacher
+    checkpoint (with its own tokenizer), a pretrained student, and a student seeded with the
+    teacher's blocks."""
+    from distill.tokenizer import build_tokenizer
+    from students.build import build_random
+    from students.presets import get_preset
+
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    build_random(get_preset("tiny-moe").override(num_hidden_layers=3), seed=0).save_pretrained(teacher_dir)
+    build_tokenizer().save_pretrained(teacher_dir)
+    build_random(get_preset("tiny"), seed=1).save_pretrained(student_dir)
+    overrides = [o for o in tiny_run_overrides if not o.startswith("teacher.")] + [
+        "teacher=transformers", f"teacher.model={teacher_dir}", "teacher.dtype=float32",
+        "students.dense.init=pretrained", f"students.dense.pretrained={student_dir}",
+        "students.moe.init=teacher", "students.moe.teacher_layers=[0,2,2,1]",
+        "pipeline.stages=[teacher,offpolicy,eval]", "pipeline.offpolicy.steps=2", "pipeline.eval.problems=4",
+    ]
+    config, _ = load_config(overrides)
+    summary = run(config, progress=False)
+    assert set(summary.results) == {"teacher", "dense", "moe"}
+    assert not (summary.run_dir / "release").exists()  # the release stage was not selected
+
+
+def test_missing_teacher_folder_fails_with_one_line(tiny_run_overrides, tmp_path, capsys):
+    code = main(tiny_run_overrides + ["teacher=transformers", f"teacher.model={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot load" in err and "nowhere" in err
+
+
+def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run_overrides, tmp_path):
+    """Parallel training is only a scheduling choice: same seeds, same data, same weights."""
+    stages = "pipeline.stages=[teacher,offpolicy]"
+    base = [o for o in tiny_run_overrides if not o.startswith("run_dir")]
+    parallel, _ = load_config(base + [stages, "student_workers=2", f"run_dir={tmp_path / 'parallel'}"])
+    sequential, _ = load_config(base + [stages, "student_workers=1", f"run_dir={tmp_path / 'sequential'}"])
+    import distill.pipeline as pipeline
+
+    trained = {}
+    original = pipeline.train_students_in_workers
+
+    def keep(*args, **kwargs):
+        trained["parallel"] = original(*args, **kwargs)
+        return trained["parallel"]
+
+    pipeline.train_students_in_workers = keep
+    try:
+        run(parallel, progress=False)
+    finally:
+        pipeline.train_students_in_workers = original
+    records = read_metrics(tmp_path / "parallel")
+    assert any("train/moe/kd_loss" in r for r in records) and any("train/dense/kd_loss" in r for r in records)
+    assert not list((tmp_path / "parallel").glob(".metrics-*"))
+
+    sequential_models = {}
+    original_fit = pipeline.train_offpolicy
+
+    def capture(cfg, name, student, *args, **kwargs):
+        original_fit(cfg, name, student, *args, **kwargs)
+        sequential_models[name] = student
+
+    pipeline.train_offpolicy = capture
+    try:
+        run(sequential, progress=False)
+    finally:
+        pipeline.train_offpolicy = original_fit
+    for name in ("dense", "moe"):
+        for key, value in sequential_models[name].state_dict().items():
+            torch.testing.assert_close(trained["parallel"][name].state_dict()[key], value, rtol=0, atol=0)

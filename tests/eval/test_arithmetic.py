@@ -25,13 +25,16 @@ def _evaluate(question: str) -> int:
 def test_answers_and_reasoning_are_right():
     rng = random.Random(0)
     for _ in range(300):
-        problem = make_problem(rng, 1, 8)
+        problem = make_problem(rng, 1, 8, ops="+-*")
         assert int(problem.answer) == _evaluate(problem.question)
         lines = problem.reasoning.split("\n")
         assert len(lines) == problem.question.count("+") + problem.question.count("-") + problem.question.count("*")
-        assert lines[-1].endswith(f"={problem.answer}")
+        assert lines[-1].endswith(f"→{problem.answer}")
+        for line in lines:
+            exact, residue = line.split("=")[1].split("→")
+            assert int(exact) % 10 == int(residue)
         for before, after in zip(lines, lines[1:]):
-            assert after.startswith(before.split("=")[1])  # each step continues from the last result
+            assert after.startswith(before.split("→")[1])  # each step continues from the last result
 
 
 def test_splits_are_seeded_and_disjoint():
