@@ -29,6 +29,9 @@ class StudentConfig:
     pretrained: str | None = None
     teacher_layers: list[int] | None = None
     teacher_experts: list[int] | None = None
+    # Per-student training length and peak learning rate (null: pipeline.offpolicy's).
+    steps: int | None = None
+    lr: float | None = None
 
 
 @dataclass
@@ -95,11 +98,11 @@ class LossConfig:
 class OffPolicyConfig:
     """Off-policy distillation: the teacher answers training prompts in both modes."""
 
-    prompts: int = 4000         # distinct training prompts; each is answered in both modes
+    prompts: int = 3000         # distinct training prompts; each is answered in both modes
     top_k: int = 20             # teacher log-probabilities kept per response token
     max_new_tokens: int = 128
     generation_batch_size: int = 256
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 3e-3
@@ -163,6 +166,8 @@ def student_node(preset: str) -> dict:
         "pretrained": None,
         "teacher_layers": None,
         "teacher_experts": None,
+        "steps": None,
+        "lr": None,
     }
 
 

@@ -43,7 +43,7 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
         data_files = write_builtin_arithmetic(cfg, cache_dir)
         loaded = datasets.load_dataset("json", data_files=data_files)
     else:
-        loaded = _load_user_dataset(cfg.source)
+        loaded = _load_user_dataset(cfg.source, cfg.messages_column)
     if cfg.messages_column not in loaded["train"].column_names:
         raise ConfigError(f"dataset '{cfg.source}' has no '{cfg.messages_column}' column (columns: "
                           f"{', '.join(loaded['train'].column_names)}); set data.messages_column")
@@ -57,7 +57,7 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
     return loaded
 
 
-def _load_user_dataset(source: str) -> datasets.DatasetDict:
+def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDict:
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".parquet"):
@@ -72,7 +72,12 @@ def _load_user_dataset(source: str) -> datasets.DatasetDict:
                               "file or a hub dataset name with network access") from None
     if "train" not in loaded:
         raise ConfigError(f"dataset '{source}' has no 'train' split (splits: {', '.join(loaded)})")
-    if "test" not in loaded:
+    if len(loaded["train"]) == 0:
+        raise ConfigError(f"dataset '{source}' is empty")
+    if messages_column not in loaded["train"].column_names:
+        raise ConfigError(f"dataset '{source}' has no '{messages_column}' column (columns: "
+                          f"{', '.join(loaded['train'].column_names)}); set data.messages_column")
+    if "test" not in loaded and len(loaded["train"]) >= 2:
         # Hold out a fixed slice so evaluation never sees training prompts.
         held = loaded["train"].train_test_split(test_size=min(500, max(1, len(loaded["train"]) // 10)), seed=0)
         loaded = datasets.DatasetDict(train=held["train"], test=held["test"])

@@ -73,13 +73,14 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             summary.seconds["teacher_outputs"] = time.perf_counter() - tick
             tick = time.perf_counter()
             workers = student_workers(cfg, device)
+            students = {name: build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
+                        for index, (name, student_cfg) in enumerate(cfg.students.items())}
             if workers > 1:
-                students = train_students_in_workers(cfg, examples, tokenizer, tracker, run_dir, workers, progress)
+                students = train_students_in_workers(cfg, students, examples, tokenizer, tracker, run_dir, workers,
+                                                     progress)
             else:
-                for index, (name, student_cfg) in enumerate(cfg.students.items()):
-                    student = build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
+                for name, student in students.items():
                     train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress)
-                    students[name] = student
             summary.seconds["train_students"] = time.perf_counter() - tick
 
         if "eval" in cfg.pipeline.stages:
@@ -223,9 +224,10 @@ def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: 
 
 def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], pad_id: int,
                    real_vocab: int, tracker: Tracker, progress: bool, position: int = 0) -> None:
-    stage = cfg.pipeline.offpolicy
-    schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
-                        weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
+    stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
+    schedule = Schedule(steps=student_cfg.steps or stage.steps, lr=student_cfg.lr or stage.lr,
+                        warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
+                        max_grad_norm=stage.max_grad_norm)
     batches = mode_alternating_batches(examples, stage.batch_size, pad_id, cfg.data.max_length,
                                        micro_batches=stage.grad_accum, seed=stage.seed)
     fit(student, batches, distillation_objective(cfg.loss, real_vocab), schedule, tracker=tracker,
@@ -235,18 +237,19 @@ def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: d
 def student_workers(cfg: Config, device: torch.device) -> int:
     """How many processes train the students: one per student on a multi-core CPU (each with
     its share of the cores; tiny models use cores far better this way than with more threads),
-    one otherwise. Students seeded from the teacher's blocks train in this process."""
+    one otherwise."""
     if cfg.student_workers:
         return cfg.student_workers
-    if device.type != "cpu" or any(s.init == "teacher" for s in cfg.students.values()):
+    if device.type != "cpu":
         return 1
     cores = cfg.threads or os.cpu_count() or 1
     return max(1, min(len(cfg.students), cores))
 
 
-def train_students_in_workers(cfg: Config, examples, tokenizer, tracker: Tracker, run_dir: Path, workers: int,
-                              progress: bool) -> dict[str, PreTrainedModel]:
-    """Train each student in its own process; their metrics are replayed into this run's log."""
+def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel], examples, tokenizer,
+                              tracker: Tracker, run_dir: Path, workers: int, progress: bool) -> dict[str, PreTrainedModel]:
+    """Train each (initialised) student in its own process; the trained weights come back into
+    the same model objects and the metrics are replayed into this run's log."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -254,26 +257,35 @@ def train_students_in_workers(cfg: Config, examples, tokenizer, tracker: Tracker
     jobs = {}
     # spawn, not fork: a forked child inherits this process's torch thread pools and locks.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for index, (name, student_cfg) in enumerate(cfg.students.items()):
-            jobs[name] = pool.submit(_train_student_worker, cfg, name, cfg.seed + index, examples,
-                                     tokenizer.pad_token_id, len(tokenizer), str(run_dir), threads, index, progress)
+        # Tensors sent to a process each hold a shared-memory file descriptor; thousands of small
+        # top-k tensors exhaust the limit, so examples travel as numpy arrays (copied by pickle).
+        packed = {mode: [(e.prompt, e.response, e.topk_ids.numpy(), e.topk_logprobs.numpy()) for e in items]
+                  for mode, items in examples.items()}
+        for position, (name, student) in enumerate(students.items()):
+            # The model travels as config + weights and is rebuilt there: a pickled transformers
+            # model loses the hooks that collect MoE router logits.
+            jobs[name] = pool.submit(_train_student_worker, cfg, name, student.config, student.state_dict(), packed,
+                                     tokenizer.pad_token_id, len(tokenizer), str(run_dir), threads, position, progress)
         results = {name: job.result() for name, job in jobs.items()}
-    students = {}
-    for index, (name, student_cfg) in enumerate(cfg.students.items()):
+    for name, student in students.items():
         state, records = results[name]
-        student = build_student(student_cfg, None, seed=cfg.seed + index)
         student.load_state_dict(state)
-        students[name] = student.eval()
+        student.eval()
         tracker.replay(records)
     return students
 
 
-def _train_student_worker(cfg: Config, name: str, seed: int, examples, pad_id: int, real_vocab: int, run_dir: str,
-                          threads: int, position: int, progress: bool):
+def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, pad_id: int, real_vocab: int,
+                          run_dir: str, threads: int, position: int, progress: bool):
+    from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(threads)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    student.load_state_dict(state)
+    examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
+                for mode, items in packed.items()}
     worker_tracker = Tracker(Path(run_dir), metrics_file=f".metrics-{name}.jsonl")
     try:
-        student = build_student(cfg.students[name], None, seed=seed)
         _fit_offpolicy(cfg, name, student, examples, pad_id, real_vocab, worker_tracker, progress, position)
     finally:
         worker_tracker.finish()
@@ -322,7 +334,7 @@ def _exact_match(response: str, answer: str) -> bool:
 
 def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer, teacher_name: str,
                     results: dict[str, dict[str, ModeResult]], run_dir: Path) -> Path:
-    stage = cfg.pipeline.offpolicy
+    stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
     shown = {k: v for k, v in results.items() if k in ("teacher", name)}
     card = model_card(
         name=f"distill-{name}", preset=cfg.students[name].preset, parameters=count_parameters(student).total,
@@ -332,9 +344,11 @@ def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer,
                 f"loss: {cfg.loss.divergence} over the teacher's top-{stage.top_k} log-probabilities "
                 f"(missing mass: {cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, "
                 f"temperature {cfg.loss.temperature}",
-                f"{stage.steps} optimizer steps of {stage.batch_size * stage.grad_accum} sequences, AdamW lr {stage.lr}, "
-                f"warm-up {stage.warmup_steps} then cosine",
-                f"student init: {cfg.students[name].init}"],
+                f"{student_cfg.steps or stage.steps} optimizer steps of {stage.batch_size * stage.grad_accum} sequences, "
+                f"AdamW peak lr {student_cfg.lr or stage.lr}, warm-up {stage.warmup_steps} then cosine",
+                f"student init: {student_cfg.init}" + (f" (teacher layers {student_cfg.teacher_layers}"
+                                                       f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
+                                                       if student_cfg.init == "teacher" else "")],
         eval_table=markdown_table(shown) if shown else "Not evaluated in this run.",
     )
     return write_release(run_dir / "release" / name, student, tokenizer, card)

@@ -87,7 +87,7 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
                            f"perf/{_model_name(prefix)}/tokens_per_s": tokens_seen / elapsed})
             tracker.log(record)
             records.append(record)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if "_" not in k})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think")})
             sums, counts = {}, {}
     model.eval()
     return records
@@ -130,6 +130,10 @@ def _moe_term(model: PreTrainedModel, aux: torch.Tensor | None, micro_share: flo
     """
     if aux is None:
         return torch.zeros(())
+    if not torch.is_tensor(aux):
+        # transformers returns a plain 0 when no router logits were recorded: the balancing loss
+        # would silently vanish, so stop instead.
+        raise RuntimeError("the MoE model returned no router logits; its load-balancing loss cannot be computed")
     metrics["moe_aux_loss"] = float(aux.detach())
     return model.config.router_aux_loss_coef * aux * micro_share
 

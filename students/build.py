@@ -126,8 +126,9 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
     """Copy the teacher's embeddings, final norm, head and the chosen `layers` into the student.
 
     Student layer i takes teacher layer `layers[i]`. A MoE student from a MoE teacher also takes
-    the chosen `experts` (their router rows and fused expert weights), in order. Every student
-    tensor is overwritten; anything that cannot be taken raises `TeacherInitError` naming it.
+    the chosen `experts` (their router rows and fused expert weights), in order. A dense student
+    from a MoE teacher takes the attention, norms and embeddings; its MLPs stay as initialised.
+    Anything that cannot be taken raises `TeacherInitError` naming it.
     """
     s_cfg, t_cfg = student.config, teacher.config
     s_moe, t_moe = hasattr(s_cfg, "num_experts"), hasattr(t_cfg, "num_experts")
@@ -141,12 +142,7 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
                 f"student {name}={getattr(s_cfg, name)} but teacher {name}={getattr(t_cfg, name)}: "
                 "to start from the teacher's blocks these must match (use init=random, or override the student's size)"
             )
-    if s_moe != t_moe:
-        raise TeacherInitError(
-            f"a {'MoE' if s_moe else 'dense'} student cannot take the MLP blocks of a {'MoE' if t_moe else 'dense'} "
-            "teacher; use init=random or a student of the teacher's kind"
-        )
-    if s_moe:
+    if s_moe and t_moe:
         experts = list(range(s_cfg.num_experts)) if experts is None else experts
         if len(experts) != s_cfg.num_experts or any(not 0 <= e < t_cfg.num_experts for e in experts):
             raise TeacherInitError(
@@ -156,14 +152,22 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
             raise TeacherInitError(
                 f"student moe_intermediate_size={s_cfg.moe_intermediate_size} but teacher's is {t_cfg.moe_intermediate_size}"
             )
-    elif s_cfg.intermediate_size != t_cfg.intermediate_size:
+    elif s_moe == t_moe and s_cfg.intermediate_size != t_cfg.intermediate_size:
         raise TeacherInitError(
             f"student intermediate_size={s_cfg.intermediate_size} but teacher's is {t_cfg.intermediate_size}"
         )
+    elif experts is not None and s_moe != t_moe:
+        raise TeacherInitError("teacher_experts applies only to a MoE student of a MoE teacher")
+    # A dense student of a MoE teacher (or the reverse) takes everything but the MLP blocks,
+    # which keep their random init: the attention, norms and embeddings carry over.
+    share_mlp = s_moe == t_moe
 
     source = teacher.state_dict()
     taken = {}
     for key, tensor in student.state_dict().items():
+        if not share_mlp and ".mlp." in key:
+            taken[key] = tensor
+            continue
         match = _LAYER_KEY.match(key)
         teacher_key = key if match is None else f"model.layers.{layers[int(match.group(1))]}.{match.group(2)}"
         if teacher_key not in source:

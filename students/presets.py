@@ -58,17 +58,18 @@ class Architecture:
 
 
 # Tiny sizes for CPU runs, sharing the blocks of the released models (GQA 2:1, QK-norm, SwiGLU,
-# top-2 of 8 experts). Their vocabulary is the built-in byte-level tokenizer's, padded to 272
-# rows as Qwen3 pads 151,669 tokens to 151,936; 512 positions cover the built-in task.
+# top-2 of 8 experts) at width 128. Their vocabulary is the built-in byte-level tokenizer's,
+# padded to 272 rows as Qwen3 pads 151,669 tokens to 151,936; 512 positions cover the built-in
+# task. tiny-moe (1.8M parameters) is the embedded teacher; tiny (0.6M) the dense student.
 _TINY = dict(
-    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     tie_word_embeddings=True, vocab_size=272, max_position_embeddings=512, rope_theta=10_000.0,
 )
 
 PRESETS: dict[str, Architecture] = {
     "tiny": Architecture(intermediate_size=256, **_TINY),
     "tiny-moe": Architecture(
-        intermediate_size=256, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, **_TINY
+        intermediate_size=512, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, **_TINY
     ),
     # Qwen/Qwen3-0.6B/config.json
     "0.6b": Architecture(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

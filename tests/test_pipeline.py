@@ -71,8 +71,8 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
 
 
 def test_command_line_prints_the_table(tiny_run_overrides, capsys):
-    overrides = [o for o in tiny_run_overrides if not o.startswith("pipeline.offpolicy.steps")]
-    assert main(overrides + ["pipeline.offpolicy.steps=2", "~students.moe"]) == 0
+    overrides = [o for o in tiny_run_overrides if not o.startswith(("pipeline.offpolicy.steps", "students.dense.steps"))]
+    assert main(overrides + ["pipeline.offpolicy.steps=2", "students.dense.steps=2", "~students.moe"]) == 0
     out = capsys.readouterr().out
     assert "| model | mode | accuracy | thinking tokens | answer tokens |" in out
     assert "| dense | no_think |" in out and "moe" not in out.split("run directory")[0].replace("| model", "")
@@ -95,13 +95,16 @@ def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(
     from students.presets import get_preset
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    build_random(get_preset("tiny-moe").override(num_hidden_layers=3), seed=0).save_pretrained(teacher_dir)
+    small = dict(hidden_size=64, head_dim=16, moe_intermediate_size=64)
+    build_random(get_preset("tiny-moe").override(num_hidden_layers=3, **small), seed=0).save_pretrained(teacher_dir)
     build_tokenizer().save_pretrained(teacher_dir)
-    build_random(get_preset("tiny"), seed=1).save_pretrained(student_dir)
-    overrides = [o for o in tiny_run_overrides if not o.startswith("teacher.")] + [
+    build_random(get_preset("tiny").override(num_hidden_layers=2), seed=1).save_pretrained(student_dir)
+    overrides = [o for o in tiny_run_overrides if not o.startswith(("teacher.", "+teacher.", "students."))] + [
         "teacher=transformers", f"teacher.model={teacher_dir}", "teacher.dtype=float32",
-        "students.dense.init=pretrained", f"students.dense.pretrained={student_dir}",
+        "students.dense.init=pretrained", f"students.dense.pretrained={student_dir}", "students.dense.steps=2",
         "students.moe.init=teacher", "students.moe.teacher_layers=[0,2,2,1]",
+        "students.moe.architecture.hidden_size=64", "students.moe.architecture.head_dim=16",
+        "students.moe.architecture.moe_intermediate_size=64",
         "pipeline.stages=[teacher,offpolicy,eval]", "pipeline.offpolicy.steps=2", "pipeline.eval.problems=4",
     ]
     config, _ = load_config(overrides)
@@ -138,6 +141,7 @@ def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run
         pipeline.train_students_in_workers = original
     records = read_metrics(tmp_path / "parallel")
     assert any("train/moe/kd_loss" in r for r in records) and any("train/dense/kd_loss" in r for r in records)
+    assert any("moe/moe/aux_loss" in r for r in records)  # the balancing loss survives the trip to a worker
     assert not list((tmp_path / "parallel").glob(".metrics-*"))
 
     sequential_models = {}

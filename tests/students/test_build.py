@@ -45,9 +45,20 @@ def test_student_with_all_teacher_layers_computes_what_the_teacher_computes():
         torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
 
 
+def test_dense_student_of_a_moe_teacher_takes_attention_and_keeps_its_mlp():
+    teacher = build_random(get_preset("tiny-moe"), seed=5)
+    student = build_random(get_preset("tiny").override(num_hidden_layers=2), seed=6)
+    mlp_before = student.state_dict()["model.layers.0.mlp.up_proj.weight"].clone()
+    init_from_teacher(student, teacher, layers=[1, 3])
+    s, t = student.state_dict(), teacher.state_dict()
+    torch.testing.assert_close(s["model.layers.0.self_attn.k_proj.weight"], t["model.layers.1.self_attn.k_proj.weight"])
+    torch.testing.assert_close(s["model.layers.1.self_attn.q_norm.weight"], t["model.layers.3.self_attn.q_norm.weight"])
+    torch.testing.assert_close(s["model.layers.0.mlp.up_proj.weight"], mlp_before)
+
+
 @pytest.mark.parametrize("student_preset, overrides, layers, experts, message", [
-    ("tiny", {"hidden_size": 32, "head_dim": 8}, [0, 1, 2, 3], None, "hidden_size"),
-    ("tiny", {}, [0, 1, 2, 3], None, "dense student cannot take the MLP blocks of a MoE"),
+    ("tiny", {"hidden_size": 64, "head_dim": 16}, [0, 1, 2, 3], None, "hidden_size"),
+    ("tiny", {}, [0, 1, 2, 3], [0, 1], "teacher_experts applies only to a MoE student"),
     ("tiny-moe", {"num_hidden_layers": 2}, [0, 9], None, "out of range"),
     ("tiny-moe", {"num_hidden_layers": 2}, [0], None, "has 1 entries"),
     ("tiny-moe", {"num_hidden_layers": 2, "num_experts": 4}, [0, 1], [0, 1, 2], "must list 4 expert ids"),
