@@ -39,7 +39,7 @@ class BootstrapConfig:
     """How the embedded teacher learns the built-in task (both modes, cross-entropy)."""
 
     steps: int = 2400
-    batch_size: int = 32
+    batch_size: int = 24
     lr: float = 4e-3
     warmup_steps: int = 50
     seed: int = 0

@@ -50,9 +50,9 @@ def mode_comparison(accuracy: dict[str, dict[str, float]], path: Path) -> Path:
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(models))], models)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)  # headroom so the legend never covers a bar
     ax.set_title("Thinking vs non-thinking (test split, greedy)")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(modes), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
