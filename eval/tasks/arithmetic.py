@@ -51,7 +51,7 @@ def make_problem(rng: random.Random, min_steps: int, max_steps: int, modulus: in
 
 
 def generate_splits(
-    sizes: dict[str, int], *, min_steps: int, max_steps: int, modulus: int = 10, ops: str = "+-*", seed: int
+    sizes: dict[str, int], *, min_steps: int, max_steps: int, modulus: int = 10, ops: str = "+*", seed: int
 ) -> dict[str, list[Problem]]:
     """Disjoint splits, e.g. {"train": 20000, "validation": 500, "test": 500}.
 
