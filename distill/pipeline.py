@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODES, render_prompt
 from distill.config import Config, ConfigError, StudentConfig
@@ -26,7 +26,8 @@ from distill.tracking import Tracker
 from distill.train import Schedule, distillation_objective, fit
 from eval.harness import ModeResult, evaluate, markdown_table
 from eval.tasks import arithmetic
-from students.build import build_random, count_parameters, init_from_teacher, load_pretrained
+from students.build import (TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config,
+                            init_from_teacher, load_pretrained)
 from teachers import embedded
 from teachers.transformers_backend import TransformersTeacher
 
@@ -145,17 +146,16 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
     if cfg.teacher.kind == "embedded":
         teacher_arch = embedded.teacher_architecture(cfg.teacher)
         teacher_params = count_parameters(build_random(teacher_arch, device="meta")).total
-        teacher_vocab = teacher_arch.vocab_size
+        teacher_config = hf_config(teacher_arch)
     else:
         try:
             teacher_config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
         except OSError as error:
             raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({str(error).splitlines()[0]}); give a "
                               "local folder saved by save_pretrained, or a hub name with network access") from None
-        teacher_vocab = teacher_config.vocab_size
         with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
             teacher_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(teacher_config).parameters())
+    teacher_vocab = teacher_config.vocab_size
     if teacher_vocab < real:
         raise ConfigError(f"teacher vocab_size {teacher_vocab} is smaller than the tokenizer's {real} tokens: "
                           "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
@@ -165,6 +165,12 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
             raise ConfigError(
                 f"student '{name}' vocab_size {arch.vocab_size} is smaller than the tokenizer's {real} tokens; set "
                 f"students.{name}.architecture.vocab_size to at least {real} (Qwen3 checkpoints use 151936)")
+        if student.init == "teacher":
+            try:
+                check_teacher_init(hf_config(arch), teacher_config, layers=student.teacher_layers,
+                                   experts=student.teacher_experts)
+            except TeacherInitError as error:
+                raise ConfigError(f"students.{name} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
         check_fits(name, estimate(params, teacher_params, cfg.teacher.dtype), device)
 

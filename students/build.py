@@ -121,16 +121,10 @@ class TeacherInitError(ValueError):
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
-                      layers: list[int], experts: list[int] | None = None) -> None:
-    """Copy the teacher's embeddings, final norm, head and the chosen `layers` into the student.
-
-    Student layer i takes teacher layer `layers[i]`. A MoE student from a MoE teacher also takes
-    the chosen `experts` (their router rows and fused expert weights), in order. A dense student
-    from a MoE teacher takes the attention, norms and embeddings; its MLPs stay as initialised.
-    Anything that cannot be taken raises `TeacherInitError` naming it.
-    """
-    s_cfg, t_cfg = student.config, teacher.config
+def check_teacher_init(s_cfg, t_cfg, *, layers: list[int], experts: list[int] | None) -> tuple[bool, list[int] | None]:
+    """Raise `TeacherInitError` unless a student of config `s_cfg` can take the blocks of a
+    teacher of config `t_cfg`; returns (whether MLPs are shared, the experts to take). Works on
+    configs alone, so a run can refuse before anything is trained."""
     s_moe, t_moe = hasattr(s_cfg, "num_experts"), hasattr(t_cfg, "num_experts")
     if len(layers) != s_cfg.num_hidden_layers:
         raise TeacherInitError(f"teacher_layers has {len(layers)} entries but the student has {s_cfg.num_hidden_layers} layers")
@@ -161,7 +155,19 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
     # A dense student of a MoE teacher (or the reverse) takes everything but the MLP blocks,
     # which keep their random init: the attention, norms and embeddings carry over.
     share_mlp = s_moe == t_moe
+    return share_mlp, experts
 
+
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
+                      layers: list[int], experts: list[int] | None = None) -> None:
+    """Copy the teacher's embeddings, final norm, head and the chosen `layers` into the student.
+
+    Student layer i takes teacher layer `layers[i]`. A MoE student from a MoE teacher also takes
+    the chosen `experts` (their router rows and fused expert weights), in order. A dense student
+    from a MoE teacher takes the attention, norms and embeddings; its MLPs stay as initialised.
+    Anything that cannot be taken raises `TeacherInitError` naming it.
+    """
+    share_mlp, experts = check_teacher_init(student.config, teacher.config, layers=layers, experts=experts)
     source = teacher.state_dict()
     taken = {}
     for key, tensor in student.state_dict().items():
@@ -173,7 +179,7 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
         if teacher_key not in source:
             raise TeacherInitError(f"teacher has no tensor '{teacher_key}' for student '{key}'")
         value = source[teacher_key]
-        if s_moe and (".mlp.experts." in key or key.endswith(".mlp.gate.weight")):
+        if experts is not None and (".mlp.experts." in key or key.endswith(".mlp.gate.weight")):
             value = value[torch.tensor(experts)]  # experts are the leading dimension of these
         if value.shape != tensor.shape:
             raise TeacherInitError(f"'{key}': student shape {tuple(tensor.shape)} vs teacher {tuple(value.shape)}")

@@ -58,6 +58,8 @@ def test_cfg_job_prints_the_student_architecture(capsys):
     (["teacher=transformers"], "teacher.model is required"),
     (["pipeline.stages=[teacher,dance]"], "unknown stage 'dance'"),
     (["+student=4b", "logger=none"], "student '4b' needs about"),
+    (["students.dense.teacher_layers=[0,1,2,7]"], "students.dense cannot start from the teacher's blocks: teacher_layers"),
+    (["students.dense.architecture.hidden_size=64"], "student hidden_size=64 but teacher hidden_size=128"),
 ])
 def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = main([*args, f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"])
