@@ -44,9 +44,6 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
         loaded = datasets.load_dataset("json", data_files=data_files)
     else:
         loaded = _load_user_dataset(cfg.source, cfg.messages_column)
-    if cfg.messages_column not in loaded["train"].column_names:
-        raise ConfigError(f"dataset '{cfg.source}' has no '{cfg.messages_column}' column (columns: "
-                          f"{', '.join(loaded['train'].column_names)}); set data.messages_column")
     if cfg.messages_column != "messages":
         loaded = loaded.rename_column(cfg.messages_column, "messages")
     if cfg.answer_column != "answer" and cfg.answer_column in loaded["train"].column_names:

@@ -229,15 +229,15 @@ def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: 
 
 
 def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], pad_id: int,
-                   real_vocab: int, tracker: Tracker, progress: bool, position: int = 0) -> None:
+                   real_vocab: int, tracker: Tracker, progress: bool, position: int = 0) -> list[dict]:
     stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
     schedule = Schedule(steps=student_cfg.steps or stage.steps, lr=student_cfg.lr or stage.lr,
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm)
     batches = mode_alternating_batches(examples, stage.batch_size, pad_id, cfg.data.max_length,
                                        micro_batches=stage.grad_accum, seed=stage.seed)
-    fit(student, batches, distillation_objective(cfg.loss, real_vocab), schedule, tracker=tracker,
-        prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position)
+    return fit(student, batches, distillation_objective(cfg.loss, real_vocab), schedule, tracker=tracker,
+               prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position)
 
 
 def student_workers(cfg: Config, device: torch.device) -> int:
@@ -290,14 +290,9 @@ def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, p
     student.load_state_dict(state)
     examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
                 for mode, items in packed.items()}
-    worker_tracker = Tracker(Path(run_dir), metrics_file=f".metrics-{name}.jsonl")
-    try:
-        _fit_offpolicy(cfg, name, student, examples, pad_id, real_vocab, worker_tracker, progress, position)
-    finally:
-        worker_tracker.finish()
-    path = worker_tracker.path
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    path.unlink()
+    # The records come back with the weights; the main process writes them to the run's log.
+    records = _fit_offpolicy(cfg, name, student, examples, pad_id, real_vocab, Tracker(Path(run_dir), metrics_file=None),
+                             progress, position)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, records
 
 

@@ -20,10 +20,11 @@ METRICS_FILE = "metrics.jsonl"
 class Tracker:
     def __init__(self, run_dir: Path, *, logger: str = "none", config: dict | None = None, project: str = "distill",
                  entity: str | None = None, mode: str = "auto", run_name: str | None = None,
-                 metrics_file: str = METRICS_FILE):
+                 metrics_file: str | None = METRICS_FILE):
         self.run_dir = run_dir
-        self.path = run_dir / metrics_file
-        self._handle = open(self.path, "a", buffering=1)
+        # metrics_file=None: no JSONL (a worker process whose records the main run replays).
+        self.path = run_dir / metrics_file if metrics_file else None
+        self._handle = open(self.path, "a", buffering=1) if self.path else None
         self._started = time.time()
         self._wandb = None
         self.wandb_mode = "disabled"
@@ -57,23 +58,25 @@ class Tracker:
                 self._wandb.define_metric(f"{group}/{name}/*", step_metric=f"{prefix}/step")
 
     def log(self, metrics: dict[str, Any]) -> None:
-        record = {"time": round(time.time() - self._started, 3), **metrics}
-        self._handle.write(json.dumps(record) + "\n")
+        self._write({"time": round(time.time() - self._started, 3), **metrics})
         self._to_wandb(metrics)
 
     def replay(self, records: list[dict]) -> None:
         """Log records another process wrote (a student trained in a worker), keeping them whole."""
         for record in records:
-            self._handle.write(json.dumps(record) + "\n")
+            self._write(record)
             self._to_wandb({k: v for k, v in record.items() if k != "time"})
+
+    def _write(self, record: dict) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
 
     def _to_wandb(self, metrics: dict[str, Any]) -> None:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        self._handle.write(json.dumps({"time": round(time.time() - self._started, 3), "table": name,
-                                       "columns": columns, "rows": rows}) + "\n")
+        self._write({"time": round(time.time() - self._started, 3), "table": name, "columns": columns, "rows": rows})
         if self._wandb is not None:
             import wandb
 
@@ -86,7 +89,8 @@ class Tracker:
             self._wandb.log({name: wandb.Image(str(path))})
 
     def finish(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
