@@ -85,13 +85,23 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    divergence: Literal["forward_kl"] = "forward_kl"
+    """The distillation loss (see distill/losses/). p = teacher, q = student."""
+
+    # forward_kl KL(p||q) | reverse_kl KL(q||p) | jsd (scaled: forward KL at beta=0, reverse at 1)
+    # | skew_kl KL(p||a p+(1-a) q) | skew_reverse_kl KL(q||(1-a) p+a q) | tvd
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    beta: float = 0.5             # jsd only
+    alpha: float = 0.1            # skew_kl / skew_reverse_kl only
     # How the teacher's probability outside its top-k is treated: "tail" keeps one extra
-    # bucket on both sides; "renormalize" rescales the teacher's top-k to sum to one.
+    # bucket on both sides; "renormalize" rescales both sides over the top-k.
     missing_mass: Literal["tail", "renormalize"] = "tail"
-    temperature: float = 1.0
+    temperature: float = 1.0      # distillation temperature, separate from any sampling temperature
     scale_by_temperature_squared: bool = False
     ce_weight: float = 0.0
+    # chunked: from hidden states + lm_head, never the full [tokens, vocab] logits (the default);
+    # naive: materialise the logits (for comparison).
+    implementation: Literal["chunked", "naive"] = "chunked"
+    chunk_tokens: int = 0         # tokens per chunk; 0 = about 64 MiB of float32 logits a chunk
 
 
 @dataclass
@@ -198,6 +208,9 @@ def validate(raw: dict) -> Config:
     for mode in config.pipeline.eval.modes:
         if mode not in ("think", "no_think"):
             raise ConfigError(f"pipeline.eval.modes: unknown mode '{mode}'; valid: think, no_think")
+    for name, value in (("beta", config.loss.beta), ("alpha", config.loss.alpha)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"loss.{name} must lie in [0, 1], got {value}")
     _check_positive(config)
     return config
 
@@ -213,6 +226,7 @@ def _check_positive(config: Config) -> None:
         "pipeline.eval.problems": config.pipeline.eval.problems,
         "teacher.bootstrap.steps": config.teacher.bootstrap.steps,
         "loss.temperature": config.loss.temperature,
+        "loss.chunk_tokens": config.loss.chunk_tokens + 1,  # 0 means automatic
     }
     for key, value in checks.items():
         if value <= 0:

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODES, render_prompt
 from distill.config import Config, ConfigError, StudentConfig
+from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_tokenizer, mode_alternating_batches,
                           prompt_messages)
 from distill.memory import check_fits, estimate
@@ -159,12 +160,16 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
     if teacher_vocab < real:
         raise ConfigError(f"teacher vocab_size {teacher_vocab} is smaller than the tokenizer's {real} tokens: "
                           "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
+    if cfg.teacher.kind != "embedded":
+        _check_same_tokenizer("teacher", cfg.teacher.model, tokenizer, cfg.teacher.trust_remote_code)
     for name, student in cfg.students.items():
         arch = student.architecture
         if student.init != "pretrained" and arch.vocab_size < real:
             raise ConfigError(
                 f"student '{name}' vocab_size {arch.vocab_size} is smaller than the tokenizer's {real} tokens; set "
                 f"students.{name}.architecture.vocab_size to at least {real} (Qwen3 checkpoints use 151936)")
+        if student.init == "pretrained":
+            _check_same_tokenizer(f"student '{name}'", student.pretrained, tokenizer, False)
         if student.init == "teacher":
             try:
                 check_teacher_init(hf_config(arch), teacher_config, layers=student.teacher_layers,
@@ -173,6 +178,31 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
                 raise ConfigError(f"students.{name} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
         check_fits(name, estimate(params, teacher_params, cfg.teacher.dtype), device)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_same_tokenizer(who: str, name_or_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
+    """A checkpoint that ships its own tokenizer must ship the run's (padding aside): logits and
+    top-k ids are compared id by id."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        return  # weights only: the run's tokenizer is the only one there is
+    try:
+        own = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # no tokenizer files: the run's tokenizer is the only one there is
+    try:
+        shared_vocabulary(tokenizer, own)
+    except VocabularyMismatch as error:
+        raise ConfigError(f"{who} ({name_or_path}): {error}") from None
+
+
+def loss_name(loss) -> str:
+    """"jsd(beta=0.5)", "skew_kl(alpha=0.1)", "forward_kl"."""
+    parameter = {"jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}.get(loss.divergence)
+    return f"{loss.divergence}({parameter}={getattr(loss, parameter)})" if parameter else loss.divergence
 
 
 # --- stages -------------------------------------------------------------------------------
@@ -342,7 +372,7 @@ def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer,
         teacher=teacher_name,
         recipe=[f"off-policy distillation: the teacher answered {stage.prompts} training prompts in both modes "
                 f"(thinking T 0.6 / top-p 0.95 / top-k 20; non-thinking T 0.7 / top-p 0.8 / top-k 20)",
-                f"loss: {cfg.loss.divergence} over the teacher's top-{stage.top_k} log-probabilities "
+                f"loss: {loss_name(cfg.loss)} over the teacher's top-{stage.top_k} log-probabilities "
                 f"(missing mass: {cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, "
                 f"temperature {cfg.loss.temperature}",
                 f"{student_cfg.steps or stage.steps} optimizer steps of {stage.batch_size * stage.grad_accum} sequences, "

@@ -1,7 +1,7 @@
 """The training loop shared by every stage: setup, step, loop. No Trainer class, no callbacks.
 
 A stage supplies an `Objective`: a function from (model, micro-batch, target tokens in the whole
-optimizer step) to (loss, metrics). Dividing by the step's token count, not the micro-batch's,
+optimizer step, divided by the data-parallel world size) to (loss, metrics). Dividing by the step's token count, not the micro-batch's,
 makes gradient accumulation exact: the step's gradient is that of one big batch.
 """
 
@@ -42,11 +42,27 @@ class Schedule:
         return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """How this process counts a step's target tokens when data-parallel ranks share the step.
+
+    `total(local)` returns the sum over all ranks (an all-reduce). The loss is divided by
+    total / world_size, so that after the gradient averaging of DDP/FSDP the step's gradient is
+    sum over every rank's tokens / tokens of the whole step: exact, whatever each rank holds.
+    """
+
+    world_size: int = 1
+    total: Callable[[int], int] = int
+
+
+SINGLE_PROCESS = DataParallel()
+
+
 def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: Objective, schedule: Schedule, *,
         tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
-        position: int = 0) -> list[dict]:
+        position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
-    micro-batches of one step. Returns the logged records."""
+    micro-batches of one step (this rank's share of it). Returns the logged records."""
     device = next(model.parameters()).device
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
@@ -63,12 +79,13 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
     bar = tqdm(range(schedule.steps), desc=desc, disable=not progress, position=position)
     for step in bar:
         micro_batches = next(batches)
-        step_tokens = sum(b.num_targets for b in micro_batches)
+        step_tokens = data_parallel.total(sum(b.num_targets for b in micro_batches))
+        normaliser = step_tokens / data_parallel.world_size
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
-            loss, metrics = objective(model, _to(micro, device), step_tokens)
+            loss, metrics = objective(model, _to(micro, device), normaliser)
             loss.backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -114,6 +131,7 @@ def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
 
 
 def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
+    """Student logits at the target positions [N, real_vocab] (the naive path) and the MoE aux loss."""
     is_moe = hasattr(model.config, "num_experts")
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=is_moe,
                 use_cache=False)
@@ -121,6 +139,28 @@ def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
     logits = out.logits[batch.target_mask][:, :real_vocab]
     aux = out.aux_loss if is_moe else None
     return logits, aux
+
+
+def _hidden_states(model: PreTrainedModel, batch: TokenBatch):
+    """Final hidden states at the target positions [N, H] (after the final norm, before lm_head)
+    and the MoE aux loss: the chunked loss applies lm_head itself, chunk by chunk."""
+    is_moe = hasattr(model.config, "num_experts")
+    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              output_router_logits=is_moe, use_cache=False)
+    aux = None
+    if is_moe:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+        aux = load_balancing_loss_func(out.router_logits, model.config.num_experts, model.config.num_experts_per_tok,
+                                       batch.attention_mask) if out.router_logits else 0
+    return out.last_hidden_state[batch.target_mask], aux
+
+
+def _lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the chunked loss supports an lm_head without bias (as in Qwen3); set loss.implementation=naive")
+    return head.weight
 
 
 def _moe_term(model: PreTrainedModel, aux: torch.Tensor | None, micro_share: float, metrics: dict) -> torch.Tensor:
@@ -154,22 +194,34 @@ def cross_entropy_objective(real_vocab: int) -> Objective:
 
 
 def distillation_objective(loss_cfg: LossConfig, real_vocab: int) -> Objective:
-    """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix."""
-    scale = loss_cfg.temperature ** 2 if loss_cfg.scale_by_temperature_squared else 1.0
+    """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix.
+
+    `loss.implementation=chunked` (the default) never builds the [tokens, vocab] logits;
+    `naive` does, for comparison."""
+    token_loss = losses.TokenLoss(divergence=loss_cfg.divergence, beta=loss_cfg.beta, alpha=loss_cfg.alpha,
+                                  temperature=loss_cfg.temperature,
+                                  scale_by_temperature_squared=loss_cfg.scale_by_temperature_squared,
+                                  missing_mass=loss_cfg.missing_mass, ce_weight=loss_cfg.ce_weight, vocab=real_vocab)
 
     def objective(model, batch, step_tokens):
-        logits, aux = _forward(model, batch, real_vocab)
-        kd = losses.forward_kl(logits, batch.topk_ids[batch.target_mask], batch.topk_logprobs[batch.target_mask],
-                               missing_mass=loss_cfg.missing_mass, temperature=loss_cfg.temperature)
-        per_token = scale * kd
-        metrics = {"kd_loss": float(kd.detach().mean())}
+        mask = batch.target_mask
+        teacher = losses.TopKTeacher(batch.topk_ids[mask], batch.topk_logprobs[mask])
+        targets = batch.targets[mask]
+        if loss_cfg.implementation == "chunked":
+            hidden, aux = _hidden_states(model, batch)
+            loss, values = losses.chunked_loss(hidden, _lm_head_weight(model), teacher, targets, token_loss,
+                                               1.0 / step_tokens, vocab=real_vocab,
+                                               chunk_tokens=loss_cfg.chunk_tokens or None)
+        else:
+            logits, aux = _forward(model, batch, real_vocab)
+            values = token_loss(logits, teacher, targets)
+            loss = values["loss"].sum() / step_tokens
+        metrics = {"kd_loss": float(values["kd"].detach().mean())}
         if batch.mode:
             metrics[f"kd_loss_{batch.mode}"] = metrics["kd_loss"]
-        if loss_cfg.ce_weight:
-            ce = losses.cross_entropy(logits, batch.targets[batch.target_mask])
-            per_token = per_token + loss_cfg.ce_weight * ce
-            metrics["ce"] = float(ce.detach().mean())
-        loss = per_token.sum() / step_tokens + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
+        if "ce" in values:
+            metrics["ce"] = float(values["ce"].detach().mean())
+        loss = loss + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
         return loss, metrics
 
     return objective

@@ -57,3 +57,14 @@ def tokenizer():
     from distill.tokenizer import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture
+def foreign_tokenizer():
+    """A word-level tokenizer with nothing in common with the built-in byte-level one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "hello": 1, "world": 2, "<|endoftext|>": 3}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")

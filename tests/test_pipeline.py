@@ -119,6 +119,21 @@ def test_missing_teacher_folder_fails_with_one_line(tiny_run_overrides, tmp_path
     assert code == 2 and err.count("\n") == 1 and "cannot load" in err and "nowhere" in err
 
 
+def test_student_with_another_tokenizer_is_refused_before_anything_is_written(tiny_run_overrides, tmp_path, capsys,
+                                                                               foreign_tokenizer):
+    from students.build import build_random
+    from students.presets import get_preset
+
+    student_dir = tmp_path / "student"
+    build_random(get_preset("tiny").override(num_hidden_layers=1), seed=1).save_pretrained(student_dir)
+    foreign_tokenizer.save_pretrained(student_dir)
+    capsys.readouterr()
+    code = main(tiny_run_overrides + ["students.dense.init=pretrained", f"students.dense.pretrained={student_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "tokenizers differ at id 0" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run_overrides, tmp_path):
     """Parallel training is only a scheduling choice: same seeds, same data, same weights."""
     stages = "pipeline.stages=[teacher,offpolicy]"

@@ -1,87 +1,215 @@
-"""Losses against a float64 naive reference; never negative; zero when the student is the teacher."""
+"""Every divergence against a float64 reference written from the definitions; zero at equality,
+never negative; JSD continuous at its ends; chunked equal to naive; masks and vocabulary slicing."""
 
 import pytest
 import torch
 
 from distill import losses
+from distill.losses import divergences
+
+NAMES = list(losses.DIVERGENCES)
+FORMS = ["full", "topk-tail", "topk-renormalize"]
+VOCAB, PADDED_TEACHER, PADDED_STUDENT, K = 40, 48, 44, 6
 
 
-def _naive_forward_kl(student_logits, teacher_full_logits, k, missing_mass):
-    """Float64 reference: the teacher's top-k (+ tail) buckets written out with Python sums."""
-    out = []
-    p_full = torch.softmax(teacher_full_logits.double(), -1)
-    q_full = torch.softmax(student_logits.double(), -1)
-    for p_row, q_row in zip(p_full, q_full):
-        top = torch.topk(p_row, k).indices
-        p = [p_row[i].item() for i in top]
-        q = [q_row[i].item() for i in top]
-        if missing_mass == "tail":
-            p.append(1 - sum(p))
-            q.append(1 - sum(q))
-        else:
-            sp, sq = sum(p), sum(q)
-            p, q = [x / sp for x in p], [x / sq for x in q]
-        out.append(sum(pi * (torch.log(torch.tensor(pi, dtype=torch.float64)) - torch.log(torch.tensor(qi, dtype=torch.float64))).item()
-                       for pi, qi in zip(p, q) if pi > 0))
-    return torch.tensor(out, dtype=torch.float64)
+def _inputs(seed, rows=8, scale=2.0):
+    """Student logits [rows, 44] and teacher logits [rows, 48], sharing a real vocabulary of 40."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(rows, PADDED_STUDENT, generator=g) * scale
+    teacher = torch.randn(rows, PADDED_TEACHER, generator=g) * scale * 1.5
+    return student, teacher
 
 
-def _teacher_topk(teacher_logits, k):
-    values, ids = torch.log_softmax(teacher_logits.float(), -1).topk(k, -1)
-    return ids, values
+def _teacher(form, teacher_logits):
+    if form == "full":
+        return losses.FullTeacher(teacher_logits)
+    values, ids = torch.log_softmax(teacher_logits[:, :VOCAB].float(), -1).topk(K, -1)
+    return losses.TopKTeacher(ids.int(), values)
 
 
-@pytest.mark.parametrize("missing_mass", ["tail", "renormalize"])
-def test_forward_kl_matches_float64_reference(missing_mass):
-    torch.manual_seed(0)
-    student = torch.randn(16, 50) * 2
-    teacher = torch.randn(16, 50) * 3
-    ids, values = _teacher_topk(teacher, 8)
-    ours = losses.forward_kl(student, ids, values, missing_mass=missing_mass)
-    reference = _naive_forward_kl(student, teacher, 8, missing_mass)
-    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
+def _reference_distributions(form, student, teacher, temperature):
+    """(p, q) in float64 probabilities, built the long way from the definitions."""
+    s = student[:, :VOCAB].double()
+    t = teacher[:, :VOCAB].double()
+    q_full = torch.softmax(s / temperature, -1)
+    if form == "full":
+        return torch.softmax(t / temperature, -1), q_full
+    p_true = torch.softmax(t, -1)  # the teacher's top-k is taken at temperature 1
+    top = p_true.topk(K, -1).indices
+    p_top, q_top = p_true.gather(-1, top), q_full.gather(-1, top)
+    if form == "topk-renormalize":
+        p = p_top ** (1 / temperature)
+        return p / p.sum(-1, keepdim=True), q_top / q_top.sum(-1, keepdim=True)
+    p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1) ** (1 / temperature)
+    return p / p.sum(-1, keepdim=True), torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
 
 
-@pytest.mark.parametrize("missing_mass", ["tail", "renormalize"])
-def test_forward_kl_gradient_matches_float64_autograd(missing_mass):
-    torch.manual_seed(1)
-    student = (torch.randn(6, 30) * 2).requires_grad_()
-    teacher = torch.randn(6, 30) * 2
-    ids, values = _teacher_topk(teacher, 5)
-    losses.forward_kl(student, ids, values, missing_mass=missing_mass).sum().backward()
+def _reference(name, p, q, beta=0.5, alpha=0.1):
+    def kl(a, b):
+        return (a * (a / b).log()).sum(-1)
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "jsd":
+        m = beta * p + (1 - beta) * q
+        return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+    if name == "skew_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if name == "skew_reverse_kl":
+        return kl(q, (1 - alpha) * p + alpha * q)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_divergence_values_and_gradients_match_float64(name, form, temperature):
+    student, teacher = _inputs(seed=NAMES.index(name) * 10 + FORMS.index(form))
+    student = student.requires_grad_()
+    ours = losses.token_divergence(name, student, _teacher(form, teacher), temperature=temperature,
+                                   missing_mass=form.removeprefix("topk-") if form != "full" else "tail",
+                                   vocab=VOCAB, beta=0.3, alpha=0.2)
+    ours.sum().backward()
+
     student64 = student.detach().double().requires_grad_()
-    logq = torch.log_softmax(student64, -1)
-    logp = values.double()
-    top_q = logq.gather(-1, ids.long())
-    if missing_mass == "tail":
-        p = torch.cat([logp.exp(), 1 - logp.exp().sum(-1, keepdim=True)], -1)
-        q = torch.cat([top_q.exp(), 1 - top_q.exp().sum(-1, keepdim=True)], -1)
-    else:
-        p = torch.softmax(logp, -1)
-        q = torch.softmax(top_q, -1)
-    (p * (p.log() - q.log())).sum().backward()
+    p, q = _reference_distributions(form, student64, teacher, temperature)
+    reference = _reference(name, p, q, beta=0.3, alpha=0.2)
+    reference.sum().backward()
+
+    assert ours.dtype == torch.float32 and ours.shape == (8,)
+    torch.testing.assert_close(ours.double(), reference.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(student.grad.double(), student64.grad, rtol=1e-4, atol=1e-6)
+    assert student.grad[:, VOCAB:].abs().max() == 0  # padding rows never receive probability
 
 
-def test_zero_when_student_is_teacher_and_never_negative():
-    torch.manual_seed(2)
-    logits = torch.randn(32, 40) * 4
-    ids, values = _teacher_topk(logits, 10)
-    for missing_mass in ("tail", "renormalize"):
-        same = losses.forward_kl(logits, ids, values, missing_mass=missing_mass)
-        assert same.abs().max() < 1e-5
-        other = losses.forward_kl(torch.randn(32, 40) * 4, ids, values, missing_mass=missing_mass)
-        assert (other >= 0).all() and other.mean() > 0.1
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_when_student_is_teacher_and_positive_otherwise(name, form):
+    student, teacher = _inputs(seed=7, rows=32)
+    same = teacher[:, :PADDED_STUDENT]
+    kwargs = dict(missing_mass=form.removeprefix("topk-") if form != "full" else "tail", vocab=VOCAB)
+    equal = losses.token_divergence(name, same, _teacher(form, teacher), **kwargs)
+    assert equal.abs().max() < 1e-5
+    other = losses.token_divergence(name, student, _teacher(form, teacher), **kwargs)
+    assert (other > 0).all()
 
 
-def test_teacher_distribution_sums_to_one_with_tail():
-    torch.manual_seed(3)
-    ids, values = _teacher_topk(torch.randn(4, 100), 5)
-    buckets = losses.teacher_topk_distribution(values, "tail")
-    torch.testing.assert_close(buckets.exp().sum(-1), torch.ones(4))
-    torch.testing.assert_close(buckets[:, :5], values)  # temperature 1 keeps the top-k as they are
+@pytest.mark.parametrize("missing_mass", ["tail", "renormalize"])
+def test_top_k_divergences_are_never_negative(missing_mass):
+    # A student that puts almost all of its mass on the teacher's top-k, and one that puts almost
+    # none there: where an unrenormalised top-k sum would go negative.
+    torch.manual_seed(0)
+    teacher = torch.randn(256, VOCAB) * 3
+    values, ids = torch.log_softmax(teacher, -1).topk(K, -1)
+    top_heavy = torch.full((256, VOCAB), -20.0).scatter(-1, ids, torch.randn(256, K) * 5)
+    for student in (top_heavy, torch.randn(256, VOCAB) * 6, -top_heavy):
+        for name in NAMES:
+            values_out = losses.token_divergence(name, student, losses.TopKTeacher(ids, values),
+                                                 missing_mass=missing_mass)
+            assert torch.isfinite(values_out).all() and (values_out >= 0).all(), name
+
+
+def test_jsd_equals_forward_and_reverse_kl_at_the_ends_and_is_continuous_there():
+    student, teacher = _inputs(seed=3, scale=0.7)
+    logq = torch.log_softmax(student[:, :VOCAB], -1)
+    logp = torch.log_softmax(teacher[:, :VOCAB], -1)
+    forward, reverse = divergences.forward_kl(logp, logq), divergences.reverse_kl(logp, logq)
+    assert torch.equal(divergences.jsd(logp, logq, 0.0), forward)
+    assert torch.equal(divergences.jsd(logp, logq, 1.0), reverse)
+    gaps_forward = [(divergences.jsd(logp, logq, b) - forward).abs().max().item() for b in (1e-2, 1e-4, 1e-6)]
+    gaps_reverse = [(divergences.jsd(logp, logq, 1 - b) - reverse).abs().max().item() for b in (1e-2, 1e-4, 1e-6)]
+    for gaps in (gaps_forward, gaps_reverse):
+        assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-4, gaps
+    # And accurate there: the unscaled form's cancellation would be amplified 1e6 times at beta = 1e-6.
+    p, q = logp.double().exp(), logq.double().exp()
+    for beta in (1e-6, 1 - 1e-6):
+        torch.testing.assert_close(divergences.jsd(logp, logq, beta).double(), _reference("jsd", p, q, beta=beta),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_skew_divergences_reduce_to_kl_at_alpha_zero():
+    student, teacher = _inputs(seed=4)
+    logq, logp = torch.log_softmax(student[:, :VOCAB], -1), torch.log_softmax(teacher[:, :VOCAB], -1)
+    torch.testing.assert_close(divergences.skew_kl(logp, logq, 0.0), divergences.forward_kl(logp, logq))
+    torch.testing.assert_close(divergences.skew_reverse_kl(logp, logq, 0.0), divergences.reverse_kl(logp, logq))
+    assert divergences.skew_kl(logp, logq, 1.0).abs().max() == 0
+
+
+def test_target_mask_selects_positions_and_masked_positions_get_no_gradient():
+    torch.manual_seed(5)
+    logits = torch.randn(2, 5, VOCAB, requires_grad=True)
+    teacher = torch.randn(2, 5, VOCAB)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    values = losses.reverse_kl(logits, losses.FullTeacher(teacher), mask)
+    assert values.shape == (5,)
+    torch.testing.assert_close(values, losses.reverse_kl(logits[mask], losses.FullTeacher(teacher[mask])))
+    values.sum().backward()
+    assert logits.grad[~mask].abs().max() == 0 and logits.grad[mask].abs().min() > 0
+
+
+def test_mismatched_logit_widths_without_a_shared_vocabulary_are_refused():
+    student, teacher = _inputs(seed=6)
+    with pytest.raises(ValueError, match="pass vocab="):
+        losses.forward_kl(student, losses.FullTeacher(teacher))
+    with pytest.raises(ValueError, match="fewer than the shared vocabulary"):
+        losses.forward_kl(student, losses.FullTeacher(teacher), vocab=PADDED_TEACHER)
+
+
+def test_bad_parameters_are_refused():
+    student, teacher = _inputs(seed=6)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        losses.jsd(student, losses.FullTeacher(teacher), vocab=VOCAB, beta=1.5)
+    with pytest.raises(ValueError, match="unknown missing_mass"):
+        losses.forward_kl(student, _teacher("topk-tail", teacher), missing_mass="drop")
+    with pytest.raises(ValueError, match="unknown divergence"):
+        losses.TokenLoss(divergence="kl")
 
 
 def test_cross_entropy_is_negative_log_likelihood():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(losses.cross_entropy(logits, torch.tensor([2])), torch.log(torch.tensor([4.0])))
+    logits = torch.log(torch.tensor([[1.0, 1.0, 2.0, 0.0]]))
+    torch.testing.assert_close(losses.cross_entropy(logits, torch.tensor([2])), torch.log(torch.tensor([2.0])))
+
+
+@pytest.mark.parametrize("form", ["full", "topk-tail", "topk-renormalize"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_equals_naive_in_value_and_gradients(name, form):
+    torch.manual_seed(8)
+    tokens, hidden_size = 23, 16
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = (torch.randn(PADDED_STUDENT, hidden_size) * 0.5).requires_grad_()
+    _, teacher_logits = _inputs(seed=9, rows=tokens)
+    teacher = _teacher(form, teacher_logits)
+    targets = torch.randint(0, VOCAB, (tokens,))
+    token_loss = losses.TokenLoss(divergence=name, missing_mass=form.removeprefix("topk-") if form != "full" else "tail",
+                                  temperature=1.5, scale_by_temperature_squared=True, ce_weight=0.3, vocab=VOCAB)
+    token_weights = torch.rand(tokens)
+
+    chunked, chunked_values = losses.chunked_loss(hidden, weight, teacher, targets, token_loss, token_weights,
+                                                  vocab=VOCAB, chunk_tokens=5)
+    (3 * chunked).backward()  # an upstream gradient other than one
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    naive, naive_values = losses.naive_loss(hidden, weight, teacher, targets, token_loss, token_weights, vocab=VOCAB)
+    (3 * naive).backward()
+
+    torch.testing.assert_close(chunked, naive)
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(chunked_values[key], naive_values[key])
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-6)
+    assert grads[1][VOCAB:].abs().max() == 0
+
+
+def test_chunked_loss_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(10)
+    hidden, weight = torch.randn(12, 16), torch.randn(VOCAB, 16) * 0.5
+    teacher = losses.FullTeacher(torch.randn(12, VOCAB))
+    targets, token_loss = torch.randint(0, VOCAB, (12,)), losses.TokenLoss(divergence="forward_kl")
+    full, _ = losses.chunked_loss(hidden, weight, teacher, targets, token_loss, 1.0, chunk_tokens=4)
+    half, _ = losses.chunked_loss(hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_(), teacher,
+                                  targets, token_loss, 1.0, chunk_tokens=4)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=1e-2)

@@ -1,0 +1,102 @@
+"""Divergences between a teacher and a student distribution given over one shared support.
+
+Every function takes `logp` (teacher) and `logq` (student), float log-probabilities of shape
+[N, S] over the same S outcomes (the real vocabulary, or the teacher's top-k plus a tail bucket),
+and returns [N] per-token values, computed in float32 and never negative (a final clamp removes
+float round-off only). p = teacher, q = student throughout, as in the GKD and DistiLLM papers.
+
+The mixture divergences (JSD, skew KL) are written through `kl_to_mixture`, which computes
+log(M / a) with log1p/expm1: the naive log M - log a cancels catastrophically when the mixture
+weight is small, and JSD(beta) divides by beta(1 - beta), so that error would be amplified.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum p (log p - log q): mode-covering, the classic off-policy loss. [N, S] -> [N]."""
+    logp, logq = logp.float(), logq.float()
+    return _clamp(_xlogy_terms(logp, logp - logq).sum(-1))
+
+
+def reverse_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) = sum q (log q - log p): mode-seeking, the natural on-policy loss. [N, S] -> [N]."""
+    logp, logq = logp.float(), logq.float()
+    return _clamp(_xlogy_terms(logq, logq - logp).sum(-1))
+
+
+def jsd(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence, scaled to be continuous in beta on [0, 1]:
+
+        [beta KL(p || M) + (1 - beta) KL(q || M)] / (beta (1 - beta)),  M = beta p + (1 - beta) q,
+
+    which equals forward KL at beta = 0 and reverse KL at beta = 1 and tends to them at the ends.
+    (The unscaled form vanishes at both ends, so there beta silently acts as a step size.)
+    [N, S] -> [N].
+    """
+    _check_unit("beta", beta)
+    if beta == 0.0:
+        return forward_kl(logp, logq)
+    if beta == 1.0:
+        return reverse_kl(logp, logq)
+    # KL(p || M)/(1 - beta) + KL(q || M)/beta, with M = p + (1-beta)(q - p) = q + beta (p - q).
+    return _clamp(kl_to_mixture(logp, logq, 1.0 - beta) / (1.0 - beta) + kl_to_mixture(logq, logp, beta) / beta)
+
+
+def skew_kl(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew forward KL (DistiLLM): KL(p || alpha p + (1 - alpha) q). alpha = 0 is forward KL. [N, S] -> [N]."""
+    _check_unit("alpha", alpha)
+    return kl_to_mixture(logp, logq, 1.0 - alpha)
+
+
+def skew_reverse_kl(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): KL(q || (1 - alpha) p + alpha q). alpha = 0 is reverse KL. [N, S] -> [N]."""
+    _check_unit("alpha", alpha)
+    return kl_to_mixture(logq, logp, 1.0 - alpha)
+
+
+def tvd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Total variation distance 0.5 sum |p - q|, in [0, 1]. [N, S] -> [N]."""
+    return 0.5 * (logp.float().exp() - logq.float().exp()).abs().sum(-1)
+
+
+def kl_to_mixture(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Tensor:
+    """KL(a || (1 - w) a + w b) for w in [0, 1], accurate for every w. [N, S] -> [N].
+
+    Per outcome, log(M / a) = log((1 - w) + w e^d) with d = log b - log a. Near zero (|w (e^d - 1)|
+    small) it is log1p(w expm1(d)), free of cancellation; elsewhere logaddexp, free of overflow.
+    Outcomes where a = 0 contribute nothing.
+    """
+    _check_unit("mixture weight", w)
+    loga, logb = loga.float(), logb.float()
+    present = loga > float("-inf")
+    # Finite stand-ins where a = 0, so that the unused branches carry no inf/nan into gradients.
+    loga = torch.where(present, loga, torch.zeros_like(loga))
+    logb = torch.where(present, logb, torch.zeros_like(logb))
+    d = logb - loga
+    x = w * torch.expm1(d.clamp(max=60.0))
+    near_zero = x.abs() <= 0.5
+    small = torch.log1p(torch.where(near_zero, x, torch.zeros_like(x)))
+    log_1mw = torch.log1p(torch.tensor(-w)) if w < 1.0 else torch.tensor(float("-inf"))
+    large = torch.logaddexp(log_1mw.to(d), d + torch.log(torch.tensor(w).clamp(min=1e-45)).to(d))
+    log_m_over_a = torch.where(near_zero, small, large)
+    terms = torch.where(present, -loga.exp() * log_m_over_a, torch.zeros_like(d))
+    return _clamp(terms.sum(-1))
+
+
+def _xlogy_terms(logx: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """x * log_ratio elementwise, 0 where x = 0 (and no nan gradient from the masked entries)."""
+    present = logx > float("-inf")
+    safe_ratio = torch.where(present, log_ratio, torch.zeros_like(log_ratio))
+    return torch.where(present, logx.exp() * safe_ratio, torch.zeros_like(log_ratio))
+
+
+def _clamp(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(min=0.0)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
