@@ -101,7 +101,7 @@ class LossConfig:
     # chunked: from hidden states + lm_head, never the full [tokens, vocab] logits (the default);
     # naive: materialise the logits (for comparison).
     implementation: Literal["chunked", "naive"] = "chunked"
-    chunk_tokens: int = 0         # tokens per chunk; 0 = about 64 MiB of float32 logits a chunk
+    chunk_tokens: int = 0         # tokens per chunk; 0 = about 128 MiB of float32 logits a chunk
 
 
 @dataclass

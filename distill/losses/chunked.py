@@ -21,7 +21,7 @@ import torch
 from distill.losses.support import TeacherDistribution
 
 # Bytes of float32 logits per chunk: a chunk's working set is a few times this.
-DEFAULT_CHUNK_BYTES = 64 * 2 ** 20
+DEFAULT_CHUNK_BYTES = 128 * 2 ** 20
 
 PerTokenLoss = Callable[[torch.Tensor, TeacherDistribution, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -63,10 +63,12 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_used = torch.zeros(used.shape, dtype=torch.float32, device=used.device) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         collected: dict[str, list[torch.Tensor]] = {}
+        # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults.
+        buffer = torch.empty(min(chunk, hidden.shape[0]), used.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows]
-            logits = (h @ used.T).float().requires_grad_()
+            logits = torch.mm(h, used.T, out=buffer[:h.shape[0]]).detach().float().requires_grad_()
             with torch.enable_grad():
                 out = token_loss(logits, teacher.rows(rows), targets[rows])
                 chunk_loss = (out["loss"] * weights[rows]).sum()

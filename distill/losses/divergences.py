@@ -17,14 +17,36 @@ import torch
 
 def forward_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum p (log p - log q): mode-covering, the classic off-policy loss. [N, S] -> [N]."""
-    logp, logq = logp.float(), logq.float()
-    return _clamp(_xlogy_terms(logp, logp - logq).sum(-1))
+    return _clamp(_KL.apply(logp.float(), logq.float()))
 
 
 def reverse_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(q || p) = sum q (log q - log p): mode-seeking, the natural on-policy loss. [N, S] -> [N]."""
-    logp, logq = logp.float(), logq.float()
-    return _clamp(_xlogy_terms(logq, logq - logp).sum(-1))
+    return _clamp(_KL.apply(logq.float(), logp.float()))
+
+
+class _KL(torch.autograd.Function):
+    """KL(a || b) per row from log a, log b, with hand-written gradients: autograd would keep
+    a, log a - log b and two masks, four [N, V] tensors at full vocabulary; this keeps none
+    beyond its inputs. Outcomes with a = 0 contribute nothing (0 log 0 = 0)."""
+
+    @staticmethod
+    def forward(ctx, loga, logb):
+        ctx.save_for_backward(loga, logb)
+        return _xlogy_terms(loga, loga - logb).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        loga, logb = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        a = loga.exp()
+        grad_loga = grad_logb = None
+        if ctx.needs_input_grad[0]:
+            # d/dlog a of a (log a - log b) = a (log a - log b + 1)
+            grad_loga = _xlogy_terms(loga, (loga - logb).add_(1)).mul_(grad)
+        if ctx.needs_input_grad[1]:
+            grad_logb = a.mul_(-grad)
+        return grad_loga, grad_logb
 
 
 def jsd(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
@@ -87,10 +109,8 @@ def kl_to_mixture(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Ten
 
 
 def _xlogy_terms(logx: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """x * log_ratio elementwise, 0 where x = 0 (and no nan gradient from the masked entries)."""
-    present = logx > float("-inf")
-    safe_ratio = torch.where(present, log_ratio, torch.zeros_like(log_ratio))
-    return torch.where(present, logx.exp() * safe_ratio, torch.zeros_like(log_ratio))
+    """x * log_ratio elementwise, 0 where x = 0; reuses `log_ratio`'s memory (no autograd)."""
+    return log_ratio.mul_(logx.exp()).masked_fill_(torch.isneginf(logx), 0.0)
 
 
 def _clamp(values: torch.Tensor) -> torch.Tensor:
