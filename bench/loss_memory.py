@@ -31,9 +31,9 @@ import time
 # What a configuration is expected to add, in copies of the [N, V] float32 logits; used only to
 # skip configurations that cannot fit (the child would be killed for memory). From measurements
 # on this machine (bench/README.md), rounded up.
-NAIVE_COPIES = {("topk", "forward_kl"): 4.5, ("topk", "reverse_kl"): 4.5, ("topk", "jsd"): 4.5,
-                ("full", "forward_kl"): 7, ("full", "reverse_kl"): 7, ("full", "jsd"): 15}
-TRL_COPIES = 13.5
+NAIVE_COPIES = {("topk", "forward_kl"): 2.5, ("topk", "reverse_kl"): 2.5, ("topk", "jsd"): 2.5,
+                ("full", "forward_kl"): 5.5, ("full", "reverse_kl"): 5.5, ("full", "jsd"): 6.5}
+TRL_COPIES = {"forward_kl": 8.5, "reverse_kl": 8.5, "jsd": 16}
 
 
 def main() -> None:
@@ -48,8 +48,12 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=0, help="0: the library's default")
     parser.add_argument("--memory-gb", type=float, default=21.0, help="skip configurations expected above this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--render", metavar="JSONL", help="print the markdown table of earlier results")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return
@@ -59,6 +63,31 @@ def main() -> None:
         config = dict(loss=loss, teacher=teacher, impl=impl, tokens=tokens, vocab=args.vocab, hidden=args.hidden,
                       k=args.k, chunk_tokens=args.chunk_tokens, device=args.device)
         print(json.dumps(run_in_child(config, args.memory_gb)), flush=True)
+
+
+def render(path: str) -> str:
+    """Markdown: one row per configuration, chunked and TRL as ratios of naive on the same row key."""
+    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    measured = {(r["loss"], r["teacher"], r["tokens"], r["impl"]): r for r in rows if "seconds" in r}
+    lines = ["| loss | teacher | tokens | implementation | peak MB | added MB | seconds | added / naive | time / naive "
+             "| peak / TRL | time / TRL | max abs error vs float64 |", "|" + "---|" * 12]
+    for r in rows:
+        key = (r["loss"], r["teacher"], r["tokens"])
+        if "seconds" not in r:
+            why = r.get("skipped") or f"failed: {r.get('failed')}"
+            lines.append(f"| {r['loss']} | {r['teacher']} | {r['tokens']} | {r['impl']} | {why} ||||||||")
+            continue
+        naive, trl = measured.get(key + ("naive",)), measured.get(key + ("trl",))
+        ratio = lambda a, b: f"{a / b:.2f}" if b else "–"  # noqa: E731
+        lines.append(" | ".join([
+            f"| {r['loss']}", r["teacher"] + (f" (k={r['k']})" if r.get("k") else ""), str(r["tokens"]), r["impl"],
+            f"{r['peak_mb']:,}", f"{r['added_mb']:,}", f"{r['seconds']:.1f}",
+            ratio(r["added_mb"], naive["added_mb"]) if naive and r["impl"] != "naive" else "–",
+            ratio(r["seconds"], naive["seconds"]) if naive and r["impl"] != "naive" else "–",
+            ratio(r["peak_mb"], trl["peak_mb"]) if trl and r["impl"] != "trl" else "–",
+            ratio(r["seconds"], trl["seconds"]) if trl and r["impl"] != "trl" else "–",
+            f"{r['max_abs_error_vs_float64']:.1e} |"]))
+    return "\n".join(lines)
 
 
 def run_in_child(config: dict, memory_gb: float) -> dict:
@@ -83,7 +112,7 @@ def run_in_child(config: dict, memory_gb: float) -> dict:
 def expected_gb(config: dict) -> float:
     logits_gb = config["tokens"] * config["vocab"] * 4 / 1e9
     inputs = (config["vocab"] * config["hidden"] * 4 * 2) / 1e9 + (logits_gb if config["teacher"] == "full" else 0)
-    copies = {"naive": NAIVE_COPIES[config["teacher"], config["loss"]], "trl": TRL_COPIES}.get(config["impl"], 0)
+    copies = {"naive": NAIVE_COPIES[config["teacher"], config["loss"]], "trl": TRL_COPIES[config["loss"]]}.get(config["impl"], 0)
     return inputs + copies * logits_gb + 1.5
 
 

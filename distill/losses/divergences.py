@@ -5,12 +5,16 @@ Every function takes `logp` (teacher) and `logq` (student), float log-probabilit
 and returns [N] per-token values, computed in float32 and never negative (a final clamp removes
 float round-off only). p = teacher, q = student throughout, as in the GKD and DistiLLM papers.
 
-The mixture divergences (JSD, skew KL) are written through `kl_to_mixture`, which computes
-log(M / a) with log1p/expm1: the naive log M - log a cancels catastrophically when the mixture
-weight is small, and JSD(beta) divides by beta(1 - beta), so that error would be amplified.
+Near the ends of a mixture weight, the naive log M - log a cancels catastrophically, and
+JSD(beta) divides by beta(1 - beta), which would amplify that error a millionfold at beta = 1e-6.
+So the mixture log-ratios are computed directly (logaddexp in `_JSD`, log1p/expm1 in
+`kl_to_mixture` for the skew KLs). Forward/reverse KL and JSD carry hand-written gradients: at
+full vocabulary autograd would keep several [N, V] tensors per divergence.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -63,8 +67,49 @@ def jsd(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
         return forward_kl(logp, logq)
     if beta == 1.0:
         return reverse_kl(logp, logq)
-    # KL(p || M)/(1 - beta) + KL(q || M)/beta, with M = p + (1-beta)(q - p) = q + beta (p - q).
-    return _clamp(kl_to_mixture(logp, logq, 1.0 - beta) / (1.0 - beta) + kl_to_mixture(logq, logp, beta) / beta)
+    return _clamp(_JSD.apply(logp.float(), logq.float(), beta))
+
+
+class _JSD(torch.autograd.Function):
+    """Scaled JSD with hand-written gradients. Per outcome, with A = log(p/M) and B = log(q/M),
+
+        value = sum p A / (1 - beta) + q B / beta,
+        d value / d log q = q B / beta,   d value / d log p = p A / (1 - beta),
+
+    so the gradients are the value's own terms: one [N, S] tensor is kept for backward (autograd
+    would keep about ten). The log-ratio whose term is divided by the small weight is computed
+    directly with logaddexp, exact in absolute terms: log(M/q) = logaddexp(log beta + log(p/q),
+    log(1 - beta)) for beta < 1/2, log(M/p) = logaddexp(log(1 - beta) - log(p/q), log beta)
+    otherwise; the other follows from log(p/q), its error divided by a weight of at least 1/2.
+    """
+
+    @staticmethod
+    def forward(ctx, logp, logq, beta):
+        d = (logp - logq).nan_to_num_(nan=0.0, posinf=1e30, neginf=-1e30)  # log(p/q), p = 0 made finite
+        if beta < 0.5:
+            b = torch.logaddexp(d + math.log(beta), torch.tensor(math.log1p(-beta), dtype=d.dtype)).neg_()  # log(q/M)
+            a = d.add_(b)                                                                                 # log(p/M)
+        else:
+            a = torch.logaddexp(math.log1p(-beta) - d, torch.tensor(math.log(beta), dtype=d.dtype)).neg_()  # log(p/M)
+            b = d.neg_().add_(a)                                                                            # log(q/M)
+        # Where one side is 0 the subtraction above lost the exact limits: log(q/M) = -log(1-beta)
+        # where p = 0, log(p/M) = -log(beta) where q = 0.
+        b.masked_fill_(torch.isneginf(logp), -math.log1p(-beta))
+        a.masked_fill_(torch.isneginf(logq), -math.log(beta))
+        p_terms = logp.exp().mul_(a).div_(1.0 - beta)  # p log(p/M) / (1 - beta)
+        q_terms = logq.exp().mul_(b).div_(beta)        # q log(q/M) / beta
+        del a, b, d
+        value = p_terms.sum(-1) + q_terms.sum(-1)
+        ctx.save_for_backward(q_terms if ctx.needs_input_grad[1] else None,
+                              p_terms if ctx.needs_input_grad[0] else None)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_terms, p_terms = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        return (p_terms * grad if p_terms is not None else None,
+                q_terms * grad if q_terms is not None else None, None)
 
 
 def skew_kl(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
