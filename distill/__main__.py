@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary.results:
         print(markdown_table(summary.results))
     print(f"run directory: {summary.run_dir}")
+    if summary.teacher_outputs:
+        print(f"teacher outputs: {summary.teacher_outputs}")
     for name, path in summary.releases.items():
         print(f"release {name}: {path}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary.seconds.items()))

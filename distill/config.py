@@ -120,6 +120,13 @@ class OffPolicyConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    # The teacher's outputs are written once as a sharded Parquet cache and read from there
+    # (teachers/cache.py). "" = <run_dir>/teacher_outputs; a shared folder is reused (and
+    # resumed) by later runs with the same teacher, prompts and sampling.
+    teacher_outputs: str = ""
+    shard_size: int = 256       # prompts per shard: the unit of work and of resumption
+    worker: int = 0             # with workers > 1, this process produces shards worker, worker + workers, ...
+    workers: int = 1
 
 
 @dataclass
@@ -164,7 +171,7 @@ class Config:
     student: StudentConfig | None = None
 
 
-STAGES = ("teacher", "offpolicy", "eval", "release")
+STAGES = ("teacher", "teacher_outputs", "offpolicy", "eval", "release")
 
 
 def student_node(preset: str) -> dict:
@@ -211,6 +218,9 @@ def validate(raw: dict) -> Config:
     for name, value in (("beta", config.loss.beta), ("alpha", config.loss.alpha)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"loss.{name} must lie in [0, 1], got {value}")
+    offpolicy = config.pipeline.offpolicy
+    if not 0 <= offpolicy.worker < max(1, offpolicy.workers):
+        raise ConfigError(f"pipeline.offpolicy.worker={offpolicy.worker} must lie in [0, workers={offpolicy.workers})")
     _check_positive(config)
     return config
 
@@ -222,6 +232,8 @@ def _check_positive(config: Config) -> None:
         "pipeline.offpolicy.grad_accum": config.pipeline.offpolicy.grad_accum,
         "pipeline.offpolicy.top_k": config.pipeline.offpolicy.top_k,
         "pipeline.offpolicy.prompts": config.pipeline.offpolicy.prompts,
+        "pipeline.offpolicy.shard_size": config.pipeline.offpolicy.shard_size,
+        "pipeline.offpolicy.workers": config.pipeline.offpolicy.workers,
         "pipeline.offpolicy.max_new_tokens": config.pipeline.offpolicy.max_new_tokens,
         "pipeline.eval.problems": config.pipeline.eval.problems,
         "teacher.bootstrap.steps": config.teacher.bootstrap.steps,

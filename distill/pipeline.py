@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import MODES, render_prompt
+from distill.chat import MODE_SAMPLING, MODES, render_prompt
 from distill.config import Config, ConfigError, StudentConfig
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_tokenizer, mode_alternating_batches,
@@ -30,6 +30,7 @@ from eval.tasks import arithmetic
 from students.build import (TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config,
                             init_from_teacher, load_pretrained)
 from teachers import embedded
+from teachers.cache import CacheError, CacheSpec, prompts_hash, read_cache, tokenizer_hash, write_cache
 from teachers.transformers_backend import TransformersTeacher
 
 
@@ -39,6 +40,7 @@ class RunSummary:
     results: dict[str, dict[str, ModeResult]] = field(default_factory=dict)
     releases: dict[str, Path] = field(default_factory=dict)
     teacher_reused: bool = False
+    teacher_outputs: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,10 +71,12 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         tracker.log({"teacher/reused_cache": int(summary.teacher_reused), "perf/teacher_seconds": summary.seconds["teacher"]})
 
         students: dict[str, PreTrainedModel] = {}
-        if "offpolicy" in cfg.pipeline.stages:
+        if {"teacher_outputs", "offpolicy"} & set(cfg.pipeline.stages):
             tick = time.perf_counter()
-            examples = offpolicy_examples(cfg, teacher, dataset["train"], tracker)
+            summary.teacher_outputs = fill_teacher_outputs(cfg, teacher, dataset["train"], tracker, run_dir, progress)
             summary.seconds["teacher_outputs"] = time.perf_counter() - tick
+        if "offpolicy" in cfg.pipeline.stages:
+            examples = offpolicy_examples(cfg, teacher.tokenizer, summary.teacher_outputs, tracker)
             tick = time.perf_counter()
             workers = student_workers(cfg, device)
             students = {name: build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
@@ -230,25 +234,54 @@ def build_student(student: StudentConfig, teacher: PreTrainedModel | None, *, se
     return model
 
 
-def offpolicy_examples(cfg: Config, teacher: TransformersTeacher, train_split, tracker: Tracker) -> dict[str, list[Example]]:
-    """The teacher answers training prompts in both modes with the per-mode sampling; every
-    response token gets the teacher's top-k log-probabilities. Truncated responses (no eos
-    within the budget) are counted and dropped, never trained on as if complete."""
+def teacher_outputs_dir(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.pipeline.offpolicy.teacher_outputs) if cfg.pipeline.offpolicy.teacher_outputs else \
+        run_dir / "teacher_outputs"
+
+
+def fill_teacher_outputs(cfg: Config, teacher, train_split, tracker: Tracker, run_dir: Path, progress: bool) -> Path:
+    """The teacher answers the training prompts in both modes with the per-mode sampling, and
+    every response token gets its top-k log-probabilities, written to the sharded cache. Shards
+    already there (a resumed or shared cache) are kept."""
     stage = cfg.pipeline.offpolicy
     rows = train_split.select(range(min(stage.prompts, len(train_split))))
     conversations = [prompt_messages(messages) for messages in rows["messages"]]
+    prompts = {mode: [render_prompt(teacher.tokenizer, c, mode) for c in conversations] for mode in MODES}
+    spec = CacheSpec(teacher=teacher.name, tokenizer_hash=tokenizer_hash(teacher.tokenizer), k=stage.top_k,
+                     modes=tuple(MODES), sampling={m: vars(s) for m, s in MODE_SAMPLING.items()}, seed=stage.seed,
+                     max_new_tokens=stage.max_new_tokens, prompts_hash=prompts_hash(prompts),
+                     num_prompts=len(conversations), shard_size=stage.shard_size)
+    folder = teacher_outputs_dir(cfg, run_dir)
+    try:
+        manifest = write_cache(teacher, prompts, folder, spec, worker=stage.worker, workers=stage.workers,
+                               progress=progress)
+    except CacheError as error:
+        raise ConfigError(str(error)) from None
+    if manifest is not None:
+        tracker.log({"teacher/outputs_rows": manifest.rows, "teacher/outputs_tokens": manifest.tokens,
+                     "teacher/outputs_bytes_per_token": manifest.bytes_per_token})
+    return folder
+
+
+def offpolicy_examples(cfg: Config, tokenizer, folder: Path, tracker: Tracker) -> dict[str, list[Example]]:
+    """The cached teacher outputs, per mode. Truncated responses (no eos within the budget) are
+    counted and dropped, never trained on as if complete."""
+    stage = cfg.pipeline.offpolicy
+    try:
+        everything = read_cache(folder, tokenizer=tokenizer, k=stage.top_k, keep_truncated=True)
+    except CacheError as error:
+        raise ConfigError(str(error)) from None
+    eos = tokenizer.eos_token_id
     examples: dict[str, list[Example]] = {}
     for mode in MODES:
-        prompts = [render_prompt(teacher.tokenizer, c, mode) for c in conversations]
-        generations = teacher.generate(prompts, mode, max_new_tokens=stage.max_new_tokens, seed=stage.seed)
-        kept = [(p, g.ids) for p, g in zip(prompts, generations) if g.finished]
-        scored = teacher.top_k_logprobs([p for p, _ in kept], [r for _, r in kept], stage.top_k)
-        examples[mode] = [Example(p, r, s.ids, s.logprobs) for (p, r), s in zip(kept, scored)]
-        tokens = sum(len(r) for _, r in kept)
+        rows = everything.get(mode, [])
+        kept = [e for e in rows if e.response and e.response[-1] == eos]
+        examples[mode] = kept
+        tokens = sum(len(e.response) for e in kept)
         tracker.log({f"teacher/{mode}/responses": len(kept),
-                     f"teacher/{mode}/truncated": 1 - len(kept) / max(1, len(generations)),
+                     f"teacher/{mode}/truncated": 1 - len(kept) / max(1, len(rows)),
                      f"teacher/{mode}/mean_response_tokens": tokens / max(1, len(kept)),
-                     f"teacher/{mode}/mean_topk_mass": float(sum(s.logprobs.exp().sum(-1).sum() for s in scored))
+                     f"teacher/{mode}/mean_topk_mass": float(sum(e.topk_logprobs.exp().sum() for e in kept))
                      / max(1, tokens)})
     return examples
 

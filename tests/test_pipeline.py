@@ -134,6 +134,26 @@ def test_student_with_another_tokenizer_is_refused_before_anything_is_written(ti
     assert not (tmp_path / "run").exists()
 
 
+def test_teacher_outputs_are_produced_once_and_reused_from_the_cache(tiny_run_overrides, tmp_path):
+    """`pipeline.stages=[teacher,teacher_outputs]` only fills the cache; a later run with the
+    same folder trains from it without regenerating a shard."""
+    outputs = tmp_path / "outputs"
+    base = [o for o in tiny_run_overrides if not o.startswith("run_dir")] + [
+        f"pipeline.offpolicy.teacher_outputs={outputs}", "pipeline.offpolicy.shard_size=16"]
+    produce, _ = load_config(base + ["pipeline.stages=[teacher,teacher_outputs]", f"run_dir={tmp_path / 'a'}"])
+    summary = run(produce, progress=False)
+    manifest = json.loads((outputs / "manifest.json").read_text())
+    assert summary.teacher_outputs == outputs and not summary.results
+    assert manifest["rows"] == 2 * 48 and len(manifest["shards"]) == 6 and manifest["bytes_per_token"] > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (outputs / "shards").glob("*.parquet")}
+
+    train, _ = load_config(base + ["pipeline.stages=[teacher,offpolicy]", f"run_dir={tmp_path / 'b'}"])
+    run(train, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (outputs / "shards").glob("*.parquet")} == stamps
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/dense/kd_loss" in r for r in records)
+
+
 def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run_overrides, tmp_path):
     """Parallel training is only a scheduling choice: same seeds, same data, same weights."""
     stages = "pipeline.stages=[teacher,offpolicy]"
