@@ -56,6 +56,11 @@ class TeacherConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # Who produces the teacher's outputs: the in-process model, or a vLLM server: the one at
+    # `url`, or one started for the run on the teacher's folder (teachers/install_vllm.sh).
+    serve: Literal["in_process", "vllm"] = "in_process"
+    url: str | None = None
+    vllm_concurrency: int = 4
 
 
 @dataclass
@@ -218,6 +223,11 @@ def validate(raw: dict) -> Config:
     for name, value in (("beta", config.loss.beta), ("alpha", config.loss.alpha)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"loss.{name} must lie in [0, 1], got {value}")
+    if config.teacher.serve == "vllm" and config.teacher.kind == "transformers":
+        for name, student in config.students.items():
+            if student.init == "teacher":
+                raise ConfigError(f"students.{name}.init=teacher needs the teacher in process; with teacher.serve=vllm "
+                                  "only its server is used: start the student from random init or a checkpoint")
     offpolicy = config.pipeline.offpolicy
     if not 0 <= offpolicy.worker < max(1, offpolicy.workers):
         raise ConfigError(f"pipeline.offpolicy.worker={offpolicy.worker} must lie in [0, workers={offpolicy.workers})")

@@ -57,16 +57,21 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
     summary = RunSummary(run_dir=run_dir)
     tracker = Tracker(run_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
                       entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=run_dir.name)
+    cleanup: list = []  # what to stop when the run ends (a vLLM server started for it)
     try:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         dataset = load_chat_dataset(cfg.data, cache_dir)
 
         tick = time.perf_counter()
-        teacher_model, teacher_name, summary.teacher_reused = build_teacher(cfg, tokenizer, dataset, cache_dir, tracker,
-                                                                            progress)
-        teacher_model.to(device)
-        teacher = TransformersTeacher(teacher_model, tokenizer, name=teacher_name, progress=progress,
-                                      generation_batch_size=cfg.pipeline.offpolicy.generation_batch_size)
+        teacher_model, teacher_folder, teacher_name, summary.teacher_reused = build_teacher(
+            cfg, tokenizer, dataset, cache_dir, tracker, progress)
+        if teacher_model is not None:
+            teacher_model.to(device)
+        if cfg.teacher.serve == "vllm":
+            teacher = serve_teacher(cfg, teacher_folder, tokenizer, teacher_name, run_dir, progress, cleanup)
+        else:
+            teacher = TransformersTeacher(teacher_model, tokenizer, name=teacher_name, progress=progress,
+                                          generation_batch_size=cfg.pipeline.offpolicy.generation_batch_size)
         summary.seconds["teacher"] = time.perf_counter() - tick
         tracker.log({"teacher/reused_cache": int(summary.teacher_reused), "perf/teacher_seconds": summary.seconds["teacher"]})
 
@@ -91,7 +96,8 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
 
         if "eval" in cfg.pipeline.stages:
             tick = time.perf_counter()
-            models = {"teacher": teacher_model, **students}
+            # A teacher that lives only behind its server is evaluated by `python -m eval` instead.
+            models = {**({"teacher": teacher_model} if teacher_model is not None else {}), **students}
             summary.results = evaluate_models(cfg, models, tokenizer, dataset["test"], tracker, run_dir, progress)
             summary.seconds["eval"] = time.perf_counter() - tick
 
@@ -110,6 +116,8 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         summary.seconds["total"] = time.perf_counter() - started
         tracker.log({"perf/total_seconds": summary.seconds["total"]})
     finally:
+        for stop in cleanup:
+            stop()
         tracker.finish()
     return summary
 
@@ -212,17 +220,40 @@ def loss_name(loss) -> str:
 # --- stages -------------------------------------------------------------------------------
 
 def build_teacher(cfg: Config, tokenizer, dataset, cache_dir: Path, tracker: Tracker, progress: bool):
-    """(model, name, reused_from_cache)."""
+    """(in-process model or None, its folder or hub name, name, reused_from_cache). A
+    transformers teacher served by vLLM is not loaded here at all."""
     if cfg.teacher.kind == "embedded":
         if cfg.data.source != BUILTIN_ARITHMETIC:
             raise ConfigError("teacher=embedded is trained on the built-in task only; use data=arithmetic, or "
                               "teacher=transformers teacher.model=PATH_OR_HUB_NAME for your own data")
         model, folder, reused = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir,
                                                        tracker, progress=progress)
-        return model, f"embedded tiny Qwen3-MoE teacher ({folder.name})", reused
+        return model, str(folder), f"embedded tiny Qwen3-MoE teacher ({folder.name})", reused
+    if cfg.teacher.serve == "vllm":
+        return None, cfg.teacher.model, cfg.teacher.model, False
     dtype = getattr(torch, cfg.teacher.dtype)
     model = load_pretrained(cfg.teacher.model, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
-    return model.eval(), cfg.teacher.model, False
+    return model.eval(), cfg.teacher.model, cfg.teacher.model, False
+
+
+def serve_teacher(cfg: Config, folder: str, tokenizer, name: str, run_dir: Path, progress: bool, cleanup: list):
+    """The vLLM teacher: the server at teacher.url, or one started now on the teacher's folder
+    (stopped when the run ends, also on error)."""
+    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
+    from teachers.vllm_server import ServerError, VLLMServer
+
+    url = cfg.teacher.url
+    try:
+        if not url:
+            server = VLLMServer(folder, max_logprobs=max(20, cfg.pipeline.offpolicy.top_k + 16),
+                                dtype=cfg.teacher.dtype,
+                                log_path=run_dir / "vllm_server.log")
+            cleanup.append(server.stop)
+            url = server.start().url
+        return VLLMTeacher(url, tokenizer, name=f"{name} (vLLM)", progress=progress,
+                           concurrency=cfg.teacher.vllm_concurrency)
+    except (ServerError, TeacherServerError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_student(student: StudentConfig, teacher: PreTrainedModel | None, *, seed: int) -> PreTrainedModel:

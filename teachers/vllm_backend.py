@@ -31,10 +31,14 @@ class TeacherServerError(RuntimeError):
     """The vLLM teacher cannot be used as configured; the message says why and what to do."""
 
 
+class _LogprobsLimit(Exception):
+    """The server refused k + margin log-probabilities; try again with the margin dropped."""
+
+
 class VLLMTeacher:
     def __init__(self, url: str, tokenizer: PreTrainedTokenizerBase, *, name: str | None = None,
                  model: str | None = None, batch_size: int = 32, concurrency: int = 4, retries: int = 5,
-                 timeout: float = 600.0, progress: bool = True):
+                 timeout: float = 600.0, progress: bool = True, margin: int = 16):
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
         self.batch_size = batch_size      # prompts per request
@@ -42,6 +46,7 @@ class VLLMTeacher:
         self.retries = retries
         self.progress = progress
         self.real_vocab = len(tokenizer)
+        self.margin = margin              # extra log-probabilities asked for, to replace padding rows
         self.client = httpx.Client(timeout=timeout)
         self.model = model or self._served_model()
         self.name = name or f"vLLM {self.model} at {self.url}"
@@ -52,9 +57,11 @@ class VLLMTeacher:
     def generate(self, prompts: list[list[int]], mode: str, *, max_new_tokens: int, seed: int,
                  sampled: bool = True) -> list[Generation]:
         sampling = MODE_SAMPLING[check_mode(mode)]
+        # allowed_token_ids: never sample an embedding-padding row (vLLM samples over the whole
+        # embedding; the tokenizer's real tokens are all there is).
         params = {"max_tokens": max_new_tokens, "logprobs": 0, "return_tokens_as_token_ids": True,
                   "skip_special_tokens": False, "stop_token_ids": [self.tokenizer.eos_token_id],
-                  "include_stop_str_in_output": True}
+                  "include_stop_str_in_output": True, "allowed_token_ids": list(range(self.real_vocab))}
         if sampled:
             params.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         else:
@@ -71,9 +78,19 @@ class VLLMTeacher:
             raise ValueError(f"top_k={k} exceeds the vocabulary ({self.real_vocab} tokens)")
 
         def request(batch: list[tuple[list[int], list[int]]]) -> list[TopK]:
+            # A few more than k: padding rows of the embedding that vLLM ranks among the top are
+            # dropped, and k real tokens must remain. A server capped at k gets exactly k.
+            asked = k + self.margin
             body = {"model": self.model, "prompt": [p + r for p, r in batch], "max_tokens": 1, "temperature": 0.0,
-                    "prompt_logprobs": k}
-            choices = sorted(self._post("/v1/completions", body, k=k)["choices"], key=lambda c: c["index"])
+                    "prompt_logprobs": asked}
+            try:
+                answer = self._post("/v1/completions", body, k=asked)
+            except _LogprobsLimit:
+                if self.margin == 0:
+                    raise
+                self.margin = 0
+                return request(batch)
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
             return [self._response_top_k(c["prompt_logprobs"], len(p), len(r), k) for c, (p, r) in zip(choices, batch)]
 
         return self._map(request, list(zip(prompts, responses)), "teacher scores", per_request=self.batch_size)
@@ -92,10 +109,14 @@ class VLLMTeacher:
         values = torch.empty(response_len, k, dtype=torch.float32)
         for j in range(response_len):
             entry = prompt_logprobs[prompt_len + j]
-            # vLLM adds the actual token when it is outside the top-k; keep ranks 1..k only.
-            top = sorted(((v["rank"], int(token), v["logprob"]) for token, v in entry.items() if v["rank"] <= k))[:k]
+            # vLLM adds the actual token when it is outside the top-k: keep the asked ranks only,
+            # and real tokens only (their mass over the real vocabulary is what the losses use;
+            # a padding row's mass falls into the tail).
+            top = sorted((v["rank"], int(token), v["logprob"]) for token, v in entry.items()
+                         if v["rank"] <= k + self.margin and int(token) < self.real_vocab)[:k]
             if len(top) < k:
-                raise TeacherServerError(f"the server returned {len(top)} log-probabilities where {k} were asked")
+                raise TeacherServerError(f"the server's top-{k + self.margin} holds only {len(top)} real tokens (the "
+                                         f"rest are embedding padding): raise its --max-logprobs or lower the top-k")
             ids[j] = torch.tensor([t for _, t, _ in top], dtype=torch.int32)
             values[j] = torch.tensor([v for _, _, v in top], dtype=torch.float32)
         return TopK(ids=ids, logprobs=values)
@@ -128,6 +149,8 @@ class VLLMTeacher:
             time.sleep(delay)
             delay *= 2
         if response.status_code == 400 and k is not None and "logprobs" in response.text.lower():
+            if self.margin and k > self.margin:
+                raise _LogprobsLimit()
             raise TeacherServerError(f"top_k={k} is above the vLLM server's max_logprobs ({_first_line(response.text)}):"
                                      f" restart the server with --max-logprobs {k}, or lower the top-k")
         if response.status_code != 200:

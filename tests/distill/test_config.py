@@ -13,7 +13,8 @@ from teachers.embedded import teacher_architecture
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                  for group in ("teacher", "data", "loss", "pipeline")}
-REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages": ["data.source=x.jsonl"]}
+REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages": ["data.source=x.jsonl"],
+            "teacher=vllm": ["teacher.model=some/model", "students.dense.init=random"]}
 
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g, options in GROUP_OPTIONS.items() for o in options])
@@ -57,7 +58,8 @@ def test_cfg_job_prints_the_student_architecture(capsys):
     (["loss=jsd", "loss.beta=1.5"], "loss.beta must lie in [0, 1], got 1.5"),
     (["loss=kl"], "unknown loss 'kl'; valid: forward_kl, jsd, reverse_kl"),
     (["loss.implementation=fused"], "'fused' is not a valid choice; valid: chunked, naive"),
-    (["teacher=nope"], "unknown teacher 'nope'; valid: embedded, transformers"),
+    (["teacher=nope"], "unknown teacher 'nope'; valid: embedded, transformers, vllm"),
+    (["teacher=vllm", "teacher.model=x"], "students.dense.init=teacher needs the teacher in process"),
     (["teacher=transformers"], "teacher.model is required"),
     (["pipeline.stages=[teacher,dance]"], "unknown stage 'dance'"),
     (["+student=4b", "logger=none"], "student '4b' needs about"),

@@ -111,3 +111,30 @@ def test_an_unreachable_server_is_one_clear_line(tokenizer):
     with pytest.raises(TeacherServerError, match="unreachable") as error:
         VLLMTeacher(f"http://127.0.0.1:{free_port()}", tokenizer, progress=False, retries=1)
     assert "\n" not in str(error.value)
+
+
+def test_pipeline_with_the_embedded_teacher_served_by_vllm(tmp_path):
+    """teacher.serve=vllm: the run starts a server on the (cached) embedded teacher, fills the
+    teacher-output cache through it, trains, and stops the server when it ends."""
+    import json
+
+    from conftest import TINY_RUN
+    from distill.__main__ import load_config
+    from distill.pipeline import run
+
+    overrides = [o for o in TINY_RUN if "head_dim" not in o] + [
+        "+teacher.overrides.head_dim=32", "students.dense.architecture.head_dim=32",
+        "teacher.serve=vllm", "pipeline.stages=[teacher,offpolicy]", "pipeline.offpolicy.prompts=16",
+        f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
+    config, _ = load_config(overrides)
+    summary = run(config, progress=False)
+    manifest = json.loads((summary.teacher_outputs / "manifest.json").read_text())
+    assert "(vLLM)" in manifest["spec"]["teacher"] and manifest["rows"] == 32
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/moe/kd_loss" in r for r in records)
+    # The server ran for the run and was stopped with it.
+    import psutil
+
+    assert (tmp_path / "run" / "vllm_server.log").stat().st_size > 0
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers
