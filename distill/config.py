@@ -58,6 +58,10 @@ class TeacherConfig:
     trust_remote_code: bool = False
     # Who produces the teacher's outputs: the in-process model, or a vLLM server: the one at
     # `url`, or one started for the run on the teacher's folder (teachers/install_vllm.sh).
+    # In process: bitsandbytes 8-bit / 4-bit (NF4) weights, and an accelerate device map
+    # ("auto" shards a teacher larger than one device across the visible ones).
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    device_map: str | None = None
     serve: Literal["in_process", "vllm"] = "in_process"
     url: str | None = None
     vllm_concurrency: int = 4

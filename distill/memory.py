@@ -15,7 +15,7 @@ import torch
 
 GIB = 1024 ** 3
 BYTES_PER_TRAINED_PARAM = {"weights": 4, "gradients": 4, "optimizer": 8}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "8bit": 1, "4bit": 0.5}
 # Headroom for activations, logits and the allocator, as a fraction of the total.
 ACTIVATION_MARGIN = 0.2
 

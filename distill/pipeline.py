@@ -65,8 +65,8 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         tick = time.perf_counter()
         teacher_model, teacher_folder, teacher_name, summary.teacher_reused = build_teacher(
             cfg, tokenizer, dataset, cache_dir, tracker, progress)
-        if teacher_model is not None:
-            teacher_model.to(device)
+        if teacher_model is not None and getattr(teacher_model, "hf_device_map", None) is None:
+            teacher_model.to(device)  # a quantized or device-mapped teacher stays where it was placed
         if cfg.teacher.serve == "vllm":
             teacher = serve_teacher(cfg, teacher_folder, tokenizer, teacher_name, run_dir, progress, cleanup)
         else:
@@ -189,7 +189,10 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
             except TeacherInitError as error:
                 raise ConfigError(f"students.{name} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
-        check_fits(name, estimate(params, teacher_params, cfg.teacher.dtype), device)
+        teacher_format = cfg.teacher.dtype if cfg.teacher.quantization == "none" else cfg.teacher.quantization
+        if cfg.teacher.serve == "vllm" and cfg.teacher.kind == "transformers":
+            teacher_params = 0  # lives on its server, not here
+        check_fits(name, estimate(params, teacher_params, teacher_format), device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -232,7 +235,8 @@ def build_teacher(cfg: Config, tokenizer, dataset, cache_dir: Path, tracker: Tra
     if cfg.teacher.serve == "vllm":
         return None, cfg.teacher.model, cfg.teacher.model, False
     dtype = getattr(torch, cfg.teacher.dtype)
-    model = load_pretrained(cfg.teacher.model, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    model = load_pretrained(cfg.teacher.model, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                            quantization=cfg.teacher.quantization, device_map=cfg.teacher.device_map)
     return model.eval(), cfg.teacher.model, cfg.teacher.model, False
 
 

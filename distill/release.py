@@ -8,7 +8,6 @@ so a crash never leaves a half-written release.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODE_SAMPLING
+from distill.files import sha256_file
 
 CHECKSUMS = "SHA256SUMS"
 
@@ -45,7 +45,7 @@ def write_release(destination: Path, model: PreTrainedModel, tokenizer: PreTrain
 
 
 def write_checksums(folder: Path) -> None:
-    lines = [f"{_sha256(path)}  {path.relative_to(folder)}" for path in sorted(folder.rglob("*"))
+    lines = [f"{sha256_file(path)}  {path.relative_to(folder)}" for path in sorted(folder.rglob("*"))
              if path.is_file() and path.name != CHECKSUMS]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
 
@@ -55,17 +55,9 @@ def verify_checksums(folder: Path) -> list[str]:
     bad = []
     for line in (folder / CHECKSUMS).read_text().splitlines():
         digest, name = line.split("  ", 1)
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
             bad.append(name)
     return bad
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _replace_directory(staging: Path, destination: Path) -> None:

@@ -92,9 +92,25 @@ def build_random(arch: Architecture, token_ids: TokenIds | None = None, *,
     return model
 
 
-def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A checkpoint from a local folder or a hub name, as transformers loads it."""
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                    quantization: str = "none", device_map: str | None = None) -> PreTrainedModel:
+    """A checkpoint from a local folder or a hub name, as transformers loads it.
+
+    quantization "8bit" / "4bit" (NF4) loads the linear layers through bitsandbytes, for a teacher
+    larger than its device; device_map ("auto", or a device) places or shards it with accelerate.
+    Such a model stays where it was placed (no .to()).
+    """
+    kwargs = {}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=dtype))
+        device_map = device_map or ("auto" if torch.cuda.is_available() else "cpu")
+    if device_map:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data import Example
+from distill.files import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 FEATURES = datasets.Features({
@@ -162,7 +163,7 @@ def finalize(directory: Path | str, *, required: bool = True) -> Manifest | None
                         finished=sum(s["finished"] for s in shards), tokens=sum(s["tokens"] for s in shards),
                         bytes=sum(s["bytes"] for s in shards))
     manifest.bytes_per_token = manifest.bytes / max(1, manifest.tokens)
-    _atomic_write_text(directory / "manifest.json", json.dumps(asdict(manifest), indent=2))
+    atomic_write_text(directory / "manifest.json", json.dumps(asdict(manifest), indent=2))
     return manifest
 
 
@@ -184,7 +185,7 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
     examples: dict[str, list[Example]] = {}
     for shard in manifest["shards"]:
         path = directory / "shards" / shard["name"]
-        if _sha256(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             raise CacheError(f"{path} does not match its checksum in manifest.json: the file is damaged; delete it "
                              "and its .json sidecar and run the teacher outputs stage again")
         table = datasets.Dataset.from_parquet(str(path), features=FEATURES, keep_in_memory=True).with_format("numpy")
@@ -230,8 +231,8 @@ def _write_shard(teacher, prompts: list[list[int]], directory: Path, spec: Cache
     os.replace(temporary, path)
     info = ShardInfo(name=name, mode=mode, index=index, rows=len(chunk), finished=sum(rows["finished"]),
                      tokens=sum(len(r) for r in rows["response_ids"]), bytes=path.stat().st_size,
-                     sha256=_sha256(path), seconds=round(time.perf_counter() - started, 3))
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(info)))
+                     sha256=sha256_file(path), seconds=round(time.perf_counter() - started, 3))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(info)))
     return info
 
 
@@ -244,7 +245,7 @@ def _valid_sidecar(directory: Path, mode: str, index: int) -> ShardInfo | None:
         info = ShardInfo(**json.loads(sidecar.read_text()))
     except (ValueError, TypeError):
         return None
-    return info if info.sha256 == _sha256(parquet) else None
+    return info if info.sha256 == sha256_file(parquet) else None
 
 
 def _claim_spec(directory: Path, spec: CacheSpec) -> None:
@@ -257,7 +258,7 @@ def _claim_spec(directory: Path, spec: CacheSpec) -> None:
             raise CacheError(f"{directory} holds a cache made with other settings ({', '.join(changed)} differ); use "
                              "a new folder, or delete this one")
         return
-    _atomic_write_text(path, json.dumps(spec.to_json(), indent=2))
+    atomic_write_text(path, json.dumps(spec.to_json(), indent=2))
 
 
 def _shard_count(prompts: int, spec: CacheSpec) -> int:
@@ -268,17 +269,3 @@ def _restore_mass(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """Rescale 16-bit top-k probabilities so that they sum to exactly 1 - tail (per token)."""
     kept = (1.0 - tail.double()).clamp(min=1e-12).log()
     return (logprobs.double() + (kept - torch.logsumexp(logprobs.double(), -1)).unsqueeze(-1)).float()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)

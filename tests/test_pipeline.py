@@ -2,7 +2,6 @@
 distillation of a dense and a MoE student, eval in both modes, release folders, logs."""
 
 import json
-import shutil
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +110,23 @@ def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(
     summary = run(config, progress=False)
     assert set(summary.results) == {"teacher", "dense", "moe"}
     assert not (summary.run_dir / "release").exists()  # the release stage was not selected
+
+
+def test_an_8bit_teacher_fills_the_teacher_outputs(tiny_run_overrides, tmp_path):
+    from distill.tokenizer import build_tokenizer
+    from students.build import build_random
+    from students.presets import get_preset
+
+    teacher_dir = tmp_path / "teacher"
+    build_random(get_preset("tiny").override(num_hidden_layers=2), seed=0).save_pretrained(teacher_dir)
+    build_tokenizer().save_pretrained(teacher_dir)
+    overrides = [o for o in tiny_run_overrides if not o.startswith(("teacher.", "+teacher."))] + [
+        "teacher=transformers", f"teacher.model={teacher_dir}", "teacher.dtype=float32", "teacher.quantization=8bit",
+        "students.dense.init=random", "pipeline.stages=[teacher,teacher_outputs]", "pipeline.offpolicy.prompts=8"]
+    config, _ = load_config(overrides)
+    summary = run(config, progress=False)
+    manifest = json.loads((summary.teacher_outputs / "manifest.json").read_text())
+    assert manifest["rows"] == 16 and manifest["tokens"] > 0
 
 
 def test_missing_teacher_folder_fails_with_one_line(tiny_run_overrides, tmp_path, capsys):

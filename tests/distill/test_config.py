@@ -1,6 +1,5 @@
 """Every conf option composes, validates and builds on meta; bad input fails with one line."""
 
-from pathlib import Path
 
 import pytest
 

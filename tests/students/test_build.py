@@ -68,3 +68,19 @@ def test_impossible_teacher_init_names_the_problem(student_preset, overrides, la
     student = build_random(get_preset(student_preset).override(**overrides), seed=0)
     with pytest.raises(TeacherInitError, match=message):
         init_from_teacher(student, teacher, layers=layers, experts=experts)
+
+
+@pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_a_teacher_loads_quantized_through_bitsandbytes(tmp_path, quantization, layer):
+    from students.build import load_pretrained
+
+    arch = get_preset("tiny").override(num_hidden_layers=2)
+    reference = build_random(arch, seed=0)
+    reference.save_pretrained(tmp_path)
+    quantized = load_pretrained(str(tmp_path), quantization=quantization)
+    assert any(type(m).__name__ == layer for m in quantized.modules())
+    assert quantized.get_memory_footprint() < reference.get_memory_footprint()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        logits = quantized(ids).logits
+    assert torch.isfinite(logits).all() and logits.shape == reference(ids).logits.shape
