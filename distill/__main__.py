@@ -11,6 +11,7 @@ import os
 import sys
 
 from distill.config import ConfigError
+from distill.errors import UserError
 
 USAGE = """usage: python -m distill [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg job] [--help]
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         from distill.pipeline import run
 
         summary = run(config)
-    except (ConfigError, MemoryError, FileNotFoundError) as error:
+    except (UserError, MemoryError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

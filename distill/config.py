@@ -12,10 +12,11 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from distill.errors import UserError
 from students.presets import PRESETS, Architecture
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the key and the fix."""
 
 

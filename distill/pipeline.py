@@ -17,9 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from distill.chat import MODE_SAMPLING, MODES, render_prompt
 from distill.config import Config, ConfigError, StudentConfig
-from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_tokenizer, mode_alternating_batches,
                           prompt_messages)
+from distill.losses.token_loss import PARAMETER
+from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
 from distill.plots import loss_curves, mode_comparison
 from distill.release import model_card, write_release
@@ -30,7 +31,7 @@ from eval.tasks import arithmetic
 from students.build import (TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config,
                             init_from_teacher, load_pretrained)
 from teachers import embedded
-from teachers.cache import CacheError, CacheSpec, prompts_hash, read_cache, tokenizer_hash, write_cache
+from teachers.cache import CacheSpec, prompts_hash, read_cache, tokenizer_hash, write_cache
 from teachers.transformers_backend import TransformersTeacher
 
 
@@ -174,6 +175,9 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
                           "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
     if cfg.teacher.kind != "embedded":
         _check_same_tokenizer("teacher", cfg.teacher.model, tokenizer, cfg.teacher.trust_remote_code)
+    teacher_format = cfg.teacher.dtype if cfg.teacher.quantization == "none" else cfg.teacher.quantization
+    if cfg.teacher.serve == "vllm" and cfg.teacher.kind == "transformers":
+        teacher_params = 0  # it lives on its server, not in this process
     for name, student in cfg.students.items():
         arch = student.architecture
         if student.init != "pretrained" and arch.vocab_size < real:
@@ -189,9 +193,6 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
             except TeacherInitError as error:
                 raise ConfigError(f"students.{name} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
-        teacher_format = cfg.teacher.dtype if cfg.teacher.quantization == "none" else cfg.teacher.quantization
-        if cfg.teacher.serve == "vllm" and cfg.teacher.kind == "transformers":
-            teacher_params = 0  # lives on its server, not here
         check_fits(name, estimate(params, teacher_params, teacher_format), device)
 
 
@@ -216,7 +217,7 @@ def _check_same_tokenizer(who: str, name_or_path: str, tokenizer: PreTrainedToke
 
 def loss_name(loss) -> str:
     """"jsd(beta=0.5)", "skew_kl(alpha=0.1)", "forward_kl"."""
-    parameter = {"jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}.get(loss.divergence)
+    parameter = PARAMETER.get(loss.divergence)
     return f"{loss.divergence}({parameter}={getattr(loss, parameter)})" if parameter else loss.divergence
 
 
@@ -243,21 +244,17 @@ def build_teacher(cfg: Config, tokenizer, dataset, cache_dir: Path, tracker: Tra
 def serve_teacher(cfg: Config, folder: str, tokenizer, name: str, run_dir: Path, progress: bool, cleanup: list):
     """The vLLM teacher: the server at teacher.url, or one started now on the teacher's folder
     (stopped when the run ends, also on error)."""
-    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
-    from teachers.vllm_server import ServerError, VLLMServer
+    from teachers.vllm_backend import VLLMTeacher
+    from teachers.vllm_server import VLLMServer
 
     url = cfg.teacher.url
-    try:
-        if not url:
-            server = VLLMServer(folder, max_logprobs=max(20, cfg.pipeline.offpolicy.top_k + 16),
-                                dtype=cfg.teacher.dtype,
-                                log_path=run_dir / "vllm_server.log")
-            cleanup.append(server.stop)
-            url = server.start().url
-        return VLLMTeacher(url, tokenizer, name=f"{name} (vLLM)", progress=progress,
-                           concurrency=cfg.teacher.vllm_concurrency)
-    except (ServerError, TeacherServerError) as error:
-        raise ConfigError(str(error)) from None
+    if not url:
+        server = VLLMServer(folder, max_logprobs=max(20, cfg.pipeline.offpolicy.top_k + 16), dtype=cfg.teacher.dtype,
+                            log_path=run_dir / "vllm_server.log")
+        cleanup.append(server.stop)
+        url = server.start().url
+    return VLLMTeacher(url, tokenizer, name=f"{name} (vLLM)", progress=progress,
+                       concurrency=cfg.teacher.vllm_concurrency)
 
 
 def build_student(student: StudentConfig, teacher: PreTrainedModel | None, *, seed: int) -> PreTrainedModel:
@@ -287,11 +284,8 @@ def fill_teacher_outputs(cfg: Config, teacher, train_split, tracker: Tracker, ru
                      max_new_tokens=stage.max_new_tokens, prompts_hash=prompts_hash(prompts),
                      num_prompts=len(conversations), shard_size=stage.shard_size)
     folder = teacher_outputs_dir(cfg, run_dir)
-    try:
-        manifest = write_cache(teacher, prompts, folder, spec, worker=stage.worker, workers=stage.workers,
-                               progress=progress)
-    except CacheError as error:
-        raise ConfigError(str(error)) from None
+    manifest = write_cache(teacher, prompts, folder, spec, worker=stage.worker, workers=stage.workers,
+                           progress=progress)
     if manifest is not None:
         tracker.log({"teacher/outputs_rows": manifest.rows, "teacher/outputs_tokens": manifest.tokens,
                      "teacher/outputs_bytes_per_token": manifest.bytes_per_token})
@@ -302,10 +296,7 @@ def offpolicy_examples(cfg: Config, tokenizer, folder: Path, tracker: Tracker) -
     """The cached teacher outputs, per mode. Truncated responses (no eos within the budget) are
     counted and dropped, never trained on as if complete."""
     stage = cfg.pipeline.offpolicy
-    try:
-        everything = read_cache(folder, tokenizer=tokenizer, k=stage.top_k, keep_truncated=True)
-    except CacheError as error:
-        raise ConfigError(str(error)) from None
+    everything = read_cache(folder, tokenizer=tokenizer, k=stage.top_k, keep_truncated=True)
     eos = tokenizer.eos_token_id
     examples: dict[str, list[Example]] = {}
     for mode in MODES:
@@ -381,8 +372,6 @@ def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel],
 
 def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, pad_id: int, real_vocab: int,
                           run_dir: str, threads: int, position: int, progress: bool):
-    from transformers import AutoModelForCausalLM
-
     torch.set_num_threads(threads)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     student.load_state_dict(state)

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data import Example
+from distill.errors import UserError
 from distill.files import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ FEATURES = datasets.Features({
 })
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """The cache folder cannot be used as asked; the message says why and what to do."""
 
 
@@ -126,6 +127,7 @@ def write_cache(teacher, prompts_by_mode: dict[str, list[list[int]]], directory:
             raise CacheError(f"{len(prompts_by_mode[mode])} {mode} prompts but the spec says {spec.num_prompts}")
     (directory / "shards").mkdir(parents=True, exist_ok=True)
     _claim_spec(directory, spec)
+    _remove_abandoned_temporaries(directory / "shards")
     jobs = [(mode, index) for mode in spec.modes for index in range(_shard_count(len(prompts_by_mode[mode]), spec))]
     todo = [(mode, index) for number, (mode, index) in enumerate(jobs)
             if number % workers == worker and not _valid_sidecar(directory, mode, index)]
@@ -182,6 +184,7 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
                          "tokenizer of that cache, or produce a new cache")
     if k is not None and k > spec["k"]:
         raise CacheError(f"{directory} holds the teacher's top-{spec['k']}, fewer than the top-{k} asked for")
+    keep = k or spec["k"]
     examples: dict[str, list[Example]] = {}
     for shard in manifest["shards"]:
         path = directory / "shards" / shard["name"]
@@ -189,7 +192,6 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
             raise CacheError(f"{path} does not match its checksum in manifest.json: the file is damaged; delete it "
                              "and its .json sidecar and run the teacher outputs stage again")
         table = datasets.Dataset.from_parquet(str(path), features=FEATURES, keep_in_memory=True).with_format("numpy")
-        keep = k or spec["k"]
         for row in table:
             if not (row["finished"] or keep_truncated):
                 continue
@@ -246,6 +248,25 @@ def _valid_sidecar(directory: Path, mode: str, index: int) -> ShardInfo | None:
     except (ValueError, TypeError):
         return None
     return info if info.sha256 == sha256_file(parquet) else None
+
+
+def _remove_abandoned_temporaries(shards: Path) -> None:
+    """Delete the half-written files of writers that were killed (their PID is gone); a live
+    worker's file in progress is left alone."""
+    for temporary in shards.glob("*.tmp-*"):
+        pid = temporary.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            temporary.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _claim_spec(directory: Path, spec: CacheSpec) -> None:

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from distill.chat import MODE_SAMPLING, check_mode
+from distill.errors import UserError
 from distill.generation import Generation
 from teachers.base import TopK
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(UserError, RuntimeError):
     """The vLLM teacher cannot be used as configured; the message says why and what to do."""
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import httpx
 
+from distill.errors import UserError
+
 DEFAULT_VENV = Path(os.environ.get("DISTILL_VLLM_VENV", Path(__file__).resolve().parent.parent / ".venv-vllm"))
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The vLLM server could not be started, or is not reachable."""
 
 

@@ -36,9 +36,6 @@ class FullTeacher:
     def rows(self, index) -> "FullTeacher":
         return FullTeacher(self.logits[index])
 
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
 
 @dataclass(frozen=True)
 class TopKTeacher:
@@ -50,9 +47,6 @@ class TopKTeacher:
 
     def rows(self, index) -> "TopKTeacher":
         return TopKTeacher(self.ids[index], self.logprobs[index])
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
 
 
 TeacherDistribution = FullTeacher | TopKTeacher

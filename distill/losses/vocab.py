@@ -8,8 +8,10 @@ ids and logits would then be compared token id by token id between unrelated tok
 
 from __future__ import annotations
 
+from distill.errors import UserError
 
-class VocabularyMismatch(ValueError):
+
+class VocabularyMismatch(UserError, ValueError):
     """Teacher and student tokenizers assign different tokens to the same ids."""
 
 
