@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-from distill.config import ConfigError
 from distill.errors import UserError
 
 USAGE = """usage: python -m distill [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg job] [--help]
@@ -24,52 +23,14 @@ groups: student ({students}), teacher (embedded, transformers), data (arithmetic
 """
 
 
-def compose(overrides: list[str]):
-    """The composed config (an OmegaConf DictConfig): conf/ plus the student presets."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    from conf import CONF_DIR
-    from distill.config import student_node
-    from students.presets import PRESETS
-
-    store = ConfigStore.instance()
-    for name in PRESETS:
-        store.store(group="student", name=name, node=student_node(name))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def load_config(overrides: list[str]):
-    """(typed Config, composed DictConfig); raises ConfigError with a one-line message."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from distill.config import validate
+    """(typed Config, composed plain dict); raises ConfigError with a one-line message."""
+    from conf import compose
+    from distill.config import student_node, validate
     from students.presets import PRESETS
 
-    try:
-        composed = compose(overrides)
-    except MissingConfigException as error:
-        group = (error.missing_cfg_file or "").split("/")[0]
-        wanted = (error.missing_cfg_file or "").split("/")[-1]
-        options = list(PRESETS) if group == "student" else list(error.options or [])
-        raise ConfigError(f"unknown {group or 'config'} '{wanted}'; valid: {', '.join(options)}") from None
-    except (HydraException, OmegaConfBaseException) as error:
-        message = " ".join(str(error).split())
-        if message.startswith("Could not override '"):
-            # A key the config does not have: compose it anyway so validation can name the
-            # valid keys at that level.
-            key = message.split("'")[1]
-            retried = [f"+{o}" if o.split("=")[0] == key else o for o in overrides]
-            if retried != overrides:
-                return load_config(retried)
-        raise ConfigError(message) from None
-    return validate(OmegaConf.to_container(composed, resolve=True)), composed
+    composed = compose("config", overrides, {"student": {name: student_node(name) for name in PRESETS}})
+    return validate(composed), composed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    from eval.harness import markdown_table
+    from eval.harness import markdown_table, side_by_side
 
     if summary.results:
+        print(side_by_side(summary.results, "teacher"))
+        print()
         print(markdown_table(summary.results))
     print(f"run directory: {summary.run_dir}")
     if summary.teacher_outputs:

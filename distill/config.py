@@ -141,10 +141,17 @@ class OffPolicyConfig:
 
 @dataclass
 class EvalConfig:
+    """The eval stage (eval/harness.py): at the end of the pipeline on the test split, and
+    periodically during training on the validation split."""
+
     problems: int = 500          # from the test split
     max_new_tokens: int = 128
     batch_size: int = 256
     modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+    greedy: bool = True          # false: Qwen3's per-mode sampling, `samples` per problem
+    samples: int = 1
+    every: int = 0               # periodic eval every N optimizer steps of each student; 0 = off
+    periodic_problems: int = 100  # from the validation split
 
 
 @dataclass
@@ -200,7 +207,7 @@ def student_node(preset: str) -> dict:
 
 def validate(raw: dict) -> Config:
     """Turn the composed config (plain containers) into a checked `Config`."""
-    config = _build(Config, raw, "")
+    config = build_dataclass(Config, raw)
     if config.data.source == "???":
         raise ConfigError("data.source is required for data=messages (a .jsonl/.parquet file or a hub dataset name)")
     if config.student is not None:
@@ -251,6 +258,9 @@ def _check_positive(config: Config) -> None:
         "pipeline.offpolicy.workers": config.pipeline.offpolicy.workers,
         "pipeline.offpolicy.max_new_tokens": config.pipeline.offpolicy.max_new_tokens,
         "pipeline.eval.problems": config.pipeline.eval.problems,
+        "pipeline.eval.samples": config.pipeline.eval.samples,
+        "pipeline.eval.periodic_problems": config.pipeline.eval.periodic_problems,
+        "pipeline.eval.every": config.pipeline.eval.every + 1,  # 0 means off
         "teacher.bootstrap.steps": config.teacher.bootstrap.steps,
         "loss.temperature": config.loss.temperature,
         "loss.chunk_tokens": config.loss.chunk_tokens + 1,  # 0 means automatic
@@ -261,6 +271,11 @@ def _check_positive(config: Config) -> None:
 
 
 # --- strict conversion of plain containers into dataclasses -------------------------------
+
+def build_dataclass(cls, raw: dict):
+    """`cls` from plain containers; an unknown key or a wrong type raises a one-line ConfigError."""
+    return _build(cls, raw, "")
+
 
 def _build(cls, data: Any, path: str):
     if not isinstance(data, dict):

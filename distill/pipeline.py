@@ -22,11 +22,15 @@ from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_t
 from distill.losses.token_loss import PARAMETER
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
-from distill.plots import loss_curves, mode_comparison
+from distill.files import atomic_write_text
+from distill.plots import loss_curves
 from distill.release import model_card, write_release
 from distill.tracking import Tracker
 from distill.train import Schedule, distillation_objective, fit
-from eval.harness import ModeResult, evaluate, markdown_table
+from eval.backends import TransformersBackend
+from eval.harness import ModeResult, Scorer, evaluate
+from eval.report import render_markdown, write_eval_outputs
+from eval.tasks import Problem, default_score
 from eval.tasks import arithmetic
 from students.build import (TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config,
                             init_from_teacher, load_pretrained)
@@ -87,12 +91,17 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             workers = student_workers(cfg, device)
             students = {name: build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
                         for index, (name, student_cfg) in enumerate(cfg.students.items())}
+            validation = None
+            if cfg.pipeline.eval.every:
+                split = dataset["validation"]
+                validation, _ = eval_problems(cfg, split.select(range(min(cfg.pipeline.eval.periodic_problems,
+                                                                          len(split)))))
             if workers > 1:
                 students = train_students_in_workers(cfg, students, examples, tokenizer, tracker, run_dir, workers,
-                                                     progress)
+                                                     progress, validation)
             else:
                 for name, student in students.items():
-                    train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress)
+                    train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress, validation)
             summary.seconds["train_students"] = time.perf_counter() - tick
 
         if "eval" in cfg.pipeline.stages:
@@ -106,14 +115,15 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             for name, student in students.items():
                 summary.releases[name] = release_student(cfg, name, student, tokenizer, teacher_name, summary.results,
                                                          run_dir)
+        # Which folders hold this run's models: `python -m eval RUN_DIR` evaluates them all.
+        folders = {**({"teacher": str(teacher_folder)} if teacher_folder else {}),
+                   **{name: str(path) for name, path in summary.releases.items()}}
+        atomic_write_text(run_dir / "models.json", json.dumps(folders, indent=1))
 
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves = loss_curves(records, run_dir / "loss_curves.png")
         if curves is not None:
             tracker.log_image("train/loss_curves", curves)
-        if summary.results:
-            accuracy = {m: {mode: r.accuracy for mode, r in per.items()} for m, per in summary.results.items()}
-            tracker.log_image("eval/think_vs_no_think", mode_comparison(accuracy, run_dir / "think_vs_no_think.png"))
         summary.seconds["total"] = time.perf_counter() - started
         tracker.log({"perf/total_seconds": summary.seconds["total"]})
     finally:
@@ -313,20 +323,41 @@ def offpolicy_examples(cfg: Config, tokenizer, folder: Path, tracker: Tracker) -
 
 
 def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]],
-                    tokenizer: PreTrainedTokenizerBase, tracker: Tracker, progress: bool) -> None:
-    _fit_offpolicy(cfg, name, student, examples, tokenizer.pad_token_id, len(tokenizer), tracker, progress)
+                    tokenizer: PreTrainedTokenizerBase, tracker: Tracker, progress: bool,
+                    validation: list[Problem] | None = None) -> None:
+    _fit_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress, validation=validation)
 
 
-def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], pad_id: int,
-                   real_vocab: int, tracker: Tracker, progress: bool, position: int = 0) -> list[dict]:
+def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], tokenizer,
+                   tracker: Tracker, progress: bool, position: int = 0,
+                   validation: list[Problem] | None = None) -> list[dict]:
     stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
     schedule = Schedule(steps=student_cfg.steps or stage.steps, lr=student_cfg.lr or stage.lr,
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm)
-    batches = mode_alternating_batches(examples, stage.batch_size, pad_id, cfg.data.max_length,
+    batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
                                        micro_batches=stage.grad_accum, seed=stage.seed)
-    return fit(student, batches, distillation_objective(cfg.loss, real_vocab), schedule, tracker=tracker,
-               prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position)
+    periodic = None
+    if cfg.pipeline.eval.every and validation:
+        periodic = (cfg.pipeline.eval.every, periodic_eval(cfg, name, tokenizer, validation))
+    return fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
+               prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
+               periodic=periodic)
+
+
+def periodic_eval(cfg: Config, name: str, tokenizer, problems: list[Problem]):
+    """The eval harness on validation problems during training: pass@1 and thinking tokens per mode."""
+    stage = cfg.pipeline.eval
+    score = arithmetic.score if cfg.data.source == BUILTIN_ARITHMETIC else default_score
+
+    def run(model: PreTrainedModel) -> dict:
+        backend = TransformersBackend(model, tokenizer, name=name, batch_size=stage.batch_size, progress=False)
+        results = evaluate(backend, problems, score, modes=stage.modes, sampling=eval_sampling(stage),
+                           max_new_tokens=stage.max_new_tokens, seed=cfg.seed, desc=f"periodic eval {name}")
+        return {f"periodic_eval/{name}/{mode}/{key}": r.metrics[key] for mode, r in results.items()
+                for key in ("pass@1", "mean_thinking_tokens", "format_errors")}
+
+    return run
 
 
 def student_workers(cfg: Config, device: torch.device) -> int:
@@ -342,7 +373,8 @@ def student_workers(cfg: Config, device: torch.device) -> int:
 
 
 def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel], examples, tokenizer,
-                              tracker: Tracker, run_dir: Path, workers: int, progress: bool) -> dict[str, PreTrainedModel]:
+                              tracker: Tracker, run_dir: Path, workers: int, progress: bool,
+                              validation: list[Problem] | None = None) -> dict[str, PreTrainedModel]:
     """Train each (initialised) student in its own process; the trained weights come back into
     the same model objects and the metrics are replayed into this run's log."""
     import multiprocessing
@@ -360,7 +392,7 @@ def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel],
             # The model travels as config + weights and is rebuilt there: a pickled transformers
             # model loses the hooks that collect MoE router logits.
             jobs[name] = pool.submit(_train_student_worker, cfg, name, student.config, student.state_dict(), packed,
-                                     tokenizer.pad_token_id, len(tokenizer), str(run_dir), threads, position, progress)
+                                     tokenizer, str(run_dir), threads, position, progress, validation)
         results = {name: job.result() for name, job in jobs.items()}
     for name, student in students.items():
         state, records = results[name]
@@ -370,54 +402,61 @@ def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel],
     return students
 
 
-def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, pad_id: int, real_vocab: int,
-                          run_dir: str, threads: int, position: int, progress: bool):
+def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, tokenizer, run_dir: str, threads: int,
+                          position: int, progress: bool, validation: list[Problem] | None):
     torch.set_num_threads(threads)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     student.load_state_dict(state)
     examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
                 for mode, items in packed.items()}
     # The records come back with the weights; the main process writes them to the run's log.
-    records = _fit_offpolicy(cfg, name, student, examples, pad_id, real_vocab, Tracker(Path(run_dir), metrics_file=None),
-                             progress, position)
+    records = _fit_offpolicy(cfg, name, student, examples, tokenizer, Tracker(Path(run_dir), metrics_file=None),
+                             progress, position, validation)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, records
+
+
+def eval_problems(cfg: Config, split) -> tuple[list[Problem], Scorer]:
+    """The split's rows as eval problems, and how they are scored: the built-in task's strict
+    integer check, or extraction after </think> plus math-verify for a user's dataset."""
+    problems = [Problem(id=str(i), messages=prompt_messages(row["messages"]), reference=_reference(row))
+                for i, row in enumerate(split)]
+    return problems, (arithmetic.score if cfg.data.source == BUILTIN_ARITHMETIC else default_score)
+
+
+def _reference(row: dict) -> str:
+    if row.get("answer") is not None:
+        return str(row["answer"])
+    return row["messages"][-1]["content"].split("</think>")[-1].strip()
 
 
 def evaluate_models(cfg: Config, models: dict[str, PreTrainedModel], tokenizer, test_split, tracker: Tracker,
                     run_dir: Path, progress: bool) -> dict[str, dict[str, ModeResult]]:
     stage = cfg.pipeline.eval
-    rows = test_split.select(range(min(stage.problems, len(test_split))))
-    prompts = [prompt_messages(m) for m in rows["messages"]]
-    answers = [str(a) for a in rows["answer"]] if "answer" in rows.column_names else \
-        [m[-1]["content"].split("</think>")[-1].strip() for m in rows["messages"]]
+    problems, score = eval_problems(cfg, test_split.select(range(min(stage.problems, len(test_split)))))
     results = {}
     for name, model in models.items():
-        results[name] = evaluate(model, tokenizer, prompts, answers, modes=stage.modes, checker=arithmetic.is_correct
-                                 if cfg.data.source == BUILTIN_ARITHMETIC else _exact_match,
-                                 extractor=arithmetic.extract_answer if cfg.data.source == BUILTIN_ARITHMETIC
-                                 else _final_text, max_new_tokens=stage.max_new_tokens, batch_size=stage.batch_size,
-                                 desc=f"eval {name}", progress=progress)
+        backend = TransformersBackend(model, tokenizer, name=name, batch_size=stage.batch_size, progress=progress)
+        results[name] = evaluate(backend, problems, score, modes=stage.modes, sampling=eval_sampling(stage),
+                                 samples=stage.samples, max_new_tokens=stage.max_new_tokens, pass_k=[stage.samples],
+                                 seed=cfg.seed, desc=f"eval {name}")
         for mode, result in results[name].items():
             tracker.log({f"eval/{mode}/{name}/{k}": v for k, v in result.summary().items()})
-    table = markdown_table(results)
-    rows_out = [[model, mode, r.accuracy, r.mean_thinking_tokens, r.mean_answer_tokens, r.truncated, r.format_errors]
-                for model, per in results.items() for mode, r in per.items()]
-    tracker.log_table("eval/table", ["model", "mode", "accuracy", "mean_thinking_tokens", "mean_answer_tokens",
-                                     "truncated", "format_errors"], rows_out)
-    _write_atomic(run_dir / "eval.md", table + "\n")
-    _write_atomic(run_dir / "eval.json", json.dumps(
-        {m: {mode: {**r.summary(), "samples": r.samples} for mode, r in per.items()} for m, per in results.items()},
-        indent=1))
+    write_eval_outputs(results, run_dir, tracker, baseline="teacher", protocol=eval_protocol(cfg))
     return results
 
 
-def _final_text(response: str) -> str | None:
-    final = response.split("</think>")[-1].strip()
-    return final or None
+def eval_protocol(cfg: Config) -> str:
+    stage = cfg.pipeline.eval
+    data = "the built-in task's held-out test split" if cfg.data.source == BUILTIN_ARITHMETIC \
+        else f"the test split of {cfg.data.source}"
+    decoding = "greedy decoding" if stage.greedy else "Qwen3's per-mode sampling"
+    return (f"{stage.problems} problems of {data}, {decoding}, {stage.samples} sample(s) per problem and mode, "
+            f"at most {stage.max_new_tokens} new tokens (`python -m eval` runs the same harness).")
 
 
-def _exact_match(response: str, answer: str) -> bool:
-    return _final_text(response) == answer.strip()
+def eval_sampling(stage):
+    """The pipeline's eval sampling: greedy (reproducible, the default) or Qwen3's per-mode sampling."""
+    return lambda mode: None if stage.greedy else MODE_SAMPLING[mode]
 
 
 def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer, teacher_name: str,
@@ -437,12 +476,10 @@ def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer,
                 f"student init: {student_cfg.init}" + (f" (teacher layers {student_cfg.teacher_layers}"
                                                        f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
                                                        if student_cfg.init == "teacher" else "")],
-        eval_table=markdown_table(shown) if shown else "Not evaluated in this run.",
+        eval_table=render_markdown(shown, baseline="teacher", level=3, protocol=eval_protocol(cfg))
+        if shown else "Not evaluated in this run.",
     )
     return write_release(run_dir / "release" / name, student, tokenizer, card)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+

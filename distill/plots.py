@@ -1,4 +1,4 @@
-"""The run's PNGs: loss curves per training stage, and think vs no-think accuracy per model."""
+"""The run's training PNGs: loss curves per training stage (eval plots live in eval/plots.py)."""
 
 from __future__ import annotations
 
@@ -31,28 +31,6 @@ def loss_curves(records: list[dict], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_title("Training losses")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def mode_comparison(accuracy: dict[str, dict[str, float]], path: Path) -> Path:
-    """Grouped bars: accuracy of each model in think and no_think mode."""
-    models = list(accuracy)
-    modes = sorted({m for per_model in accuracy.values() for m in per_model}, key=["think", "no_think"].index)
-    width = 0.8 / max(1, len(modes))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(models), 4))
-    for i, mode in enumerate(modes):
-        xs = [j + i * width for j in range(len(models))]
-        values = [100 * accuracy[m].get(mode, float("nan")) for m in models]
-        bars = ax.bar(xs, values, width, label=mode)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(models))], models)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 118)  # headroom so the legend never covers a bar
-    ax.set_title("Thinking vs non-thinking (test split, greedy)")
-    ax.legend(loc="upper center", ncol=len(modes), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

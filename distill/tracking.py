@@ -54,7 +54,7 @@ class Tracker:
             self._wandb.define_metric(f"{prefix}/step")
             self._wandb.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
             name = prefix.removeprefix("train/").removesuffix("/bootstrap")
-            for group in ("moe", "perf"):
+            for group in ("moe", "perf", "periodic_eval"):
                 self._wandb.define_metric(f"{group}/{name}/*", step_metric=f"{prefix}/step")
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -60,9 +60,13 @@ SINGLE_PROCESS = DataParallel()
 
 def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: Objective, schedule: Schedule, *,
         tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
-        position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS) -> list[dict]:
+        position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS,
+        periodic: tuple[int, Callable[[PreTrainedModel], dict]] | None = None) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
-    micro-batches of one step (this rank's share of it). Returns the logged records."""
+    micro-batches of one step (this rank's share of it). Returns the logged records.
+
+    `periodic=(every, evaluate)` calls `evaluate(model)` every `every` steps (and after the last)
+    and logs the metrics it returns against this stage's step."""
     device = next(model.parameters()).device
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
@@ -106,6 +110,11 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             records.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think")})
             sums, counts = {}, {}
+        if periodic is not None and ((step + 1) % periodic[0] == 0 or step + 1 == schedule.steps):
+            record = {**periodic[1](model), f"{prefix}/step": step + 1}
+            model.train()
+            tracker.log(record)
+            records.append(record)
     model.eval()
     return records
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from distill.chat import MODE_SAMPLING, check_mode
+from distill.chat import MODE_SAMPLING, Sampling, check_mode
 from distill.errors import UserError
 from distill.generation import Generation
 from teachers.base import TopK
@@ -57,22 +57,28 @@ class VLLMTeacher:
 
     def generate(self, prompts: list[list[int]], mode: str, *, max_new_tokens: int, seed: int,
                  sampled: bool = True) -> list[Generation]:
-        sampling = MODE_SAMPLING[check_mode(mode)]
+        return self.sample(prompts, max_new_tokens=max_new_tokens, seed=seed,
+                           sampling=MODE_SAMPLING[check_mode(mode)] if sampled else None,
+                           desc=f"teacher generates ({mode})")
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling | None, seed: int,
+               desc: str = "vLLM generates") -> list[Generation]:
+        """Responses to tokenised prompts with the given sampling (None: greedy); prompt i is
+        sampled with seed `seed * 1_000_003 + i`, so results do not depend on batching."""
         # allowed_token_ids: never sample an embedding-padding row (vLLM samples over the whole
         # embedding; the tokenizer's real tokens are all there is).
         params = {"max_tokens": max_new_tokens, "logprobs": 0, "return_tokens_as_token_ids": True,
                   "skip_special_tokens": False, "stop_token_ids": [self.tokenizer.eos_token_id],
                   "include_stop_str_in_output": True, "allowed_token_ids": list(range(self.real_vocab))}
-        if sampled:
+        if sampling is not None:
             params.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         else:
             params.update(temperature=0.0)
 
         def request(batch: list[tuple[int, list[int]]]) -> list[Generation]:
-            # One seed per prompt: results do not depend on how prompts were batched.
             return [self._generate_one(p, {**params, "seed": seed * 1_000_003 + index}) for index, p in batch]
 
-        return self._map(request, list(enumerate(prompts)), f"teacher generates ({mode})", per_request=1)
+        return self._map(request, list(enumerate(prompts)), desc, per_request=1)
 
     def top_k_logprobs(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[TopK]:
         if k > self.real_vocab:

@@ -10,6 +10,7 @@ from distill.__main__ import load_config, main
 from distill.pipeline import run
 from distill.release import verify_checksums
 from distill.tracking import read_metrics
+from eval.__main__ import main as eval_main
 
 
 def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
@@ -24,16 +25,29 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
         assert set(per_mode) == {"think", "no_think"}
         for result in per_mode.values():
             assert 0.0 <= result.accuracy <= 1.0 and len(result.samples) == 24
-    assert summary.results["teacher"]["no_think"].mean_thinking_tokens == 0
+    assert summary.results["teacher"]["no_think"].metrics["mean_thinking_tokens"] == 0
     eval_json = json.loads((run_dir / "eval.json").read_text())
     assert len(eval_json["moe"]["think"]["samples"]) == 24
     assert "| teacher | think |" in (run_dir / "eval.md").read_text()
+
+    # `python -m eval` on the run directory (its models.json) runs the same harness: greedy on
+    # the same problems, it reproduces the pipeline's numbers exactly
+    test_split = next((tmp_path / "cache" / "data").glob("arithmetic-*")) / "test.jsonl"
+    assert eval_main([f"models=[{run_dir}]", f"task.source.path={test_split}", "task.source.limit=24",
+                      "task.max_new_tokens=48", "greedy=true", f"out_dir={tmp_path / 'eval'}", "logger=none",
+                      "progress=false"]) == 0
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert set(again) == {"teacher", "dense", "moe"}
+    for model, per_mode in summary.results.items():
+        for mode, result in per_mode.items():
+            assert again[model][mode]["pass@1"] == result.accuracy
+            assert [s["response"] for s in again[model][mode]["samples"]] == [s["response"] for s in result.samples]
 
     # the project's own metrics, grouped by prefix; the MoE student's balancing loss is logged
     records = read_metrics(run_dir)
     keys = {k for r in records for k in r}
     for expected in ("teacher/bootstrap/ce", "train/dense/kd_loss", "train/moe/kd_loss", "moe/", "perf/dense/tokens_per_s",
-                     "eval/think/teacher/accuracy", "eval/no_think/moe/mean_answer_tokens", "teacher/think/truncated"):
+                     "eval/think/teacher/pass@1", "eval/no_think/moe/mean_answer_tokens", "teacher/think/truncated"):
         assert any(k.startswith(expected) or k == expected for k in keys), expected
     assert "moe/moe/aux_loss" in keys and "moe/teacher/aux_loss" in keys
     assert "moe/dense/aux_loss" not in keys
@@ -69,11 +83,18 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
     assert run(again, progress=False).teacher_reused
 
 
-def test_command_line_prints_the_table(tiny_run_overrides, capsys):
+def test_command_line_prints_the_table(tiny_run_overrides, tmp_path, capsys):
     overrides = [o for o in tiny_run_overrides if not o.startswith(("pipeline.offpolicy.steps", "students.dense.steps"))]
-    assert main(overrides + ["pipeline.offpolicy.steps=2", "students.dense.steps=2", "~students.moe"]) == 0
+    assert main(overrides + ["pipeline.offpolicy.steps=4", "students.dense.steps=4", "~students.moe",
+                             "pipeline.eval.every=2", "pipeline.eval.periodic_problems=5"]) == 0
     out = capsys.readouterr().out
-    assert "| model | mode | accuracy | thinking tokens | answer tokens |" in out
+    # periodic eval: the harness on validation problems every 2 steps, logged against the step
+    records = read_metrics(tmp_path / "run")
+    periodic = [r for r in records if "periodic_eval/dense/think/pass@1" in r]
+    assert [r["train/dense/step"] for r in periodic] == [2, 4]
+    assert all(0 <= r["periodic_eval/dense/no_think/pass@1"] <= 1 for r in periodic)
+    assert "| model | think | no_think | think − no_think |" in out
+    assert "| model | mode | pass@1 | thinking tokens | answer tokens |" in out
     assert "| dense | no_think |" in out and "moe" not in out.split("run directory")[0].replace("| model", "")
 
 

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from eval.extract import final_text
+from eval.tasks import Score, Source, Task, chat
 
 
 @dataclass(frozen=True)
@@ -87,18 +91,45 @@ _INTEGER = re.compile(r"-?\d+")
 
 
 def extract_answer(response: str) -> str | None:
-    """The integer a response answers with: the text after `</think>`, or None when absent.
+    """The integer a response answers with: the whole text after `</think>`, or None when absent.
 
     A response with an opening `<think>` but no closing tag is a format error (None), never a
     guess from the reasoning.
     """
-    if "<think>" in response and "</think>" not in response:
-        return None
-    final = response.split("</think>")[-1].strip()
-    match = _INTEGER.fullmatch(final)
+    final = final_text(response)
+    match = _INTEGER.fullmatch(final) if final else None
     return match.group(0) if match else None
 
 
-def is_correct(response: str, answer: str) -> bool:
+def score(response: str, reference: str) -> Score:
+    """The built-in task's format is strict: the final text must be exactly one integer."""
     predicted = extract_answer(response)
-    return predicted is not None and int(predicted) == int(answer)
+    return Score(predicted, "whole" if predicted is not None else "none",
+                 predicted is not None and int(predicted) == int(reference))
+
+
+def is_correct(response: str, answer: str) -> bool:
+    return score(response, answer).correct
+
+
+def load(source: Source, cache_dir: Path) -> list:
+    """The pipeline's held-out split of the built-in task (same generator, seed and settings as
+    `python -m distill` with defaults), or a JSONL of rows with `messages` and `answer`."""
+    if source.path == BUILTIN:
+        from distill.config import DataConfig
+        from distill.data import write_builtin_arithmetic
+
+        files = write_builtin_arithmetic(DataConfig(), cache_dir)
+        source = replace(source, path=files[source.split])
+    return chat.load(source, cache_dir)
+
+
+BUILTIN = "builtin:arithmetic"
+
+TASK = Task(
+    name="arithmetic",
+    load=load,
+    source=Source(path=BUILTIN, split="test", question_column="messages", answer_column="answer"),
+    score=score,
+    max_new_tokens=128,
+)

@@ -1,0 +1,128 @@
+"""Typed configuration of `python -m eval` (conf/eval.yaml), validated like the training config.
+
+The eval protocol follows the Qwen3 report: per-mode sampling (thinking T 0.6 / top-p 0.95 /
+top-k 20; non-thinking T 0.7 / 0.8 / 20), n samples per problem, pass@1 averaged over samples and
+unbiased pass@k, and an optional thinking-budget sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from distill.chat import MODE_SAMPLING, MODES, Sampling
+from distill.config import ConfigError, WandbConfig, build_dataclass
+from eval.tasks import Source, Task
+
+
+@dataclass
+class SourceOverrides:
+    """Fields of the task's data source to change (null: the task file's default)."""
+
+    path: str | None = None
+    subset: str | None = None
+    split: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    limit: int | None = None
+    prompt_suffix: str | None = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    source: SourceOverrides = field(default_factory=SourceOverrides)
+    samples: int | None = None          # per problem and mode; null: the task's default (AIME 16)
+    max_new_tokens: int | None = None   # null: the task's default
+
+    def resolved_source(self, task: Task) -> Source:
+        changes = {k: v for k, v in vars(self.source).items() if v is not None}
+        return replace(task.source, **changes)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclass
+class BackendConfig:
+    # transformers: in-process generation (KV cache, batched); vllm: a vLLM server, the one at
+    # `url` (one model), or one started per model from its folder (teachers/install_vllm.sh).
+    kind: Literal["transformers", "vllm"] = "transformers"
+    url: str | None = None
+    batch_size: int = 64                 # transformers: sequences per generate call
+    concurrency: int = 8                 # vllm: requests in flight
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = None     # vllm server started here
+
+
+@dataclass
+class EvalRunConfig:
+    # Models: local folders (a release folder, any save_pretrained folder), run directories of
+    # `python -m distill` (their teacher and release folders), or hub names. "NAME:PATH" names one.
+    models: list[str] = field(default_factory=list)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    greedy: bool = False                 # the report samples; greedy is for quick, reproducible checks
+    sampling: dict[str, SamplingConfig] = field(default_factory=lambda: {
+        mode: SamplingConfig(s.temperature, s.top_p, s.top_k) for mode, s in MODE_SAMPLING.items()})
+    pass_k: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 64])
+    seed: int = 0
+    # Thinking-budget sweep (think mode): at each budget, Qwen3's stop-thinking sentence and
+    # </think> are inserted and the model answers in at most `budget_answer_tokens` more.
+    budgets: list[int] = field(default_factory=list)
+    budget_answer_tokens: int = 64
+    baseline: str | None = None          # the model deltas are taken against; null: the first
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    out_dir: str | None = None           # default evals/<YYYYmmdd-HHMMSS>
+    cache_dir: str | None = None         # the built-in task's data (default as python -m distill)
+    trust_remote_code: bool = False
+    threads: int = 0
+    progress: bool = True
+    logger: Literal["wandb", "none"] = "wandb"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def mode_sampling(self, mode: str) -> Sampling | None:
+        if self.greedy:
+            return None
+        s = self.sampling[mode]
+        return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+
+
+def validate(raw: dict) -> EvalRunConfig:
+    from eval.tasks import available
+
+    config = build_dataclass(EvalRunConfig, raw)
+    if not config.models:
+        raise ConfigError("no models to evaluate: set models=[PATH_OR_HUB_NAME,...] (release folders, run "
+                          "directories, save_pretrained folders or hub names; NAME:PATH to name one)")
+    if config.task.name not in available():
+        raise ConfigError(f"task: unknown task '{config.task.name}'; valid: {', '.join(available())}")
+    for mode in config.modes:
+        if mode not in MODES:
+            raise ConfigError(f"modes: unknown mode '{mode}'; valid: {', '.join(MODES)}")
+        if mode not in config.sampling:
+            raise ConfigError(f"sampling.{mode} is missing: give temperature, top_p and top_k")
+    if config.budgets and "think" not in config.modes:
+        raise ConfigError("budgets need think mode: the budget limits the thinking; add think to modes")
+    checks = {"task.samples": config.task.samples or 1, "task.max_new_tokens": config.task.max_new_tokens or 1,
+              "budget_answer_tokens": config.budget_answer_tokens, "backend.batch_size": config.backend.batch_size,
+              "backend.concurrency": config.backend.concurrency}
+    checks.update({f"pass_k[{i}]": k for i, k in enumerate(config.pass_k)})
+    for key, value in checks.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for i, budget in enumerate(config.budgets):
+        if budget < 0:
+            raise ConfigError(f"budgets[{i}] must be >= 0 thinking tokens, got {budget}")
+    for mode, s in config.sampling.items():
+        if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+            raise ConfigError(f"sampling.{mode}: need temperature > 0, 0 < top_p <= 1, top_k >= 0 (greedy=true for "
+                              "greedy decoding)")
+    if config.backend.url and config.backend.kind != "vllm":
+        raise ConfigError("backend.url is for backend.kind=vllm (a running vLLM server)")
+    return config

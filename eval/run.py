@@ -1,0 +1,154 @@
+"""Everything `python -m eval` does after the config is validated: load the task, evaluate each
+model in each mode (and along the thinking budget), write the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from distill.config import ConfigError
+from distill.errors import UserError
+from distill.tracking import Tracker
+from eval.backends import Backend, TransformersBackend, VLLMBackend
+from eval.config import EvalRunConfig
+from eval.harness import ModeResult, evaluate
+from eval.models import ModelSpec, resolve_models
+from eval.report import write_eval_outputs
+from eval.tasks import load_task
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalSummary:
+    out_dir: Path
+    results: dict[str, dict[str, ModeResult]] = field(default_factory=dict)
+    budgets: dict[str, dict[int, ModeResult]] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run(cfg: EvalRunConfig) -> EvalSummary:
+    started = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    task = load_task(cfg.task.name)
+    source = cfg.task.resolved_source(task)
+    samples = cfg.task.samples or task.samples
+    max_new_tokens = cfg.task.max_new_tokens or task.max_new_tokens
+    specs = resolve_models(cfg.models)
+    if cfg.backend.url and len(specs) > 1:
+        raise ConfigError("backend.url serves one model, but models lists several: drop backend.url and a server is "
+                          "started for each model folder, or evaluate one model per call")
+    cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
+    problems = task.load(source, cache_dir)
+    tokenizers = {spec.name: load_tokenizer(cfg, spec) for spec in specs}  # a model that cannot load fails here
+    out_dir = prepare_out_dir(cfg.out_dir)
+
+    summary = EvalSummary(out_dir=out_dir)
+    tracker = Tracker(out_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
+                      entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=f"eval-{out_dir.name}")
+    try:
+        for spec in specs:
+            tick = time.perf_counter()
+            backend = open_backend(cfg, spec, tokenizers[spec.name])
+            try:
+                common = dict(sampling=cfg.mode_sampling, samples=samples, pass_k=cfg.pass_k, seed=cfg.seed,
+                              budget_answer_tokens=cfg.budget_answer_tokens)
+                summary.results[spec.name] = evaluate(backend, problems, task.score, modes=cfg.modes,
+                                                      max_new_tokens=max_new_tokens, desc=f"eval {spec.name}", **common)
+                for budget in cfg.budgets:
+                    summary.budgets.setdefault(spec.name, {})[budget] = evaluate(
+                        backend, problems, task.score, modes=["think"], max_new_tokens=max_new_tokens, budget=budget,
+                        desc=f"eval {spec.name}", **common)["think"]
+            finally:
+                backend.close()
+            summary.seconds[spec.name] = time.perf_counter() - tick
+            for mode, result in summary.results[spec.name].items():
+                tracker.log({f"eval/{mode}/{spec.name}/{k}": v for k, v in result.summary().items()})
+            for budget, result in summary.budgets.get(spec.name, {}).items():
+                tracker.log({f"eval/budget/{spec.name}/{k}": v for k, v in result.summary().items()}
+                            | {f"eval/budget/{spec.name}/budget": budget})
+        decoding = "greedy decoding" if cfg.greedy else "per-mode sampling " + ", ".join(
+            f"{m} T {s.temperature} / top-p {s.top_p} / top-k {s.top_k}" for m, s in cfg.sampling.items()
+            if m in cfg.modes)
+        protocol = (f"Task `{task.name}` ({source.path}, split {source.split}): {len(problems)} problems, {samples} "
+                    f"sample(s) per problem and mode, {decoding}, at most {max_new_tokens} new tokens; backend "
+                    f"{cfg.backend.kind}.")
+        summary.paths = write_eval_outputs(
+            summary.results, out_dir, tracker, baseline=cfg.baseline, budgets=summary.budgets or None,
+            title=f"Eval: {task.name}", protocol=protocol,
+            meta={"task": task.name, "source": asdict(source), "samples": samples, "max_new_tokens": max_new_tokens,
+                  "models": {s.name: s.path for s in specs}, "config": asdict(cfg)})
+        summary.seconds["total"] = time.perf_counter() - started
+    finally:
+        tracker.finish()
+    return summary
+
+
+def prepare_out_dir(requested: str | None) -> Path:
+    out_dir = Path(requested) if requested else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"out_dir '{out_dir}' is not writable ({error.strerror}): choose another out_dir") from None
+    return out_dir
+
+
+def load_tokenizer(cfg: EvalRunConfig, spec: ModelSpec):
+    """The model's own tokenizer: each model is prompted with its own chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the tokenizer of model '{spec.path}' ({_first_line(error)}): give a local "
+                        "folder saved by save_pretrained, or a hub name with network access") from None
+
+
+def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
+    """The model behind `spec`, ready to generate."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.backend.kind == "vllm":
+        if cfg.backend.url:
+            return VLLMBackend(cfg.backend.url, tokenizer, name=spec.name, concurrency=cfg.backend.concurrency,
+                               progress=cfg.progress)
+        from teachers.vllm_server import VLLMServer
+
+        server = VLLMServer(spec.path, dtype=cfg.backend.dtype, max_model_len=cfg.backend.max_model_len).start()
+        try:
+            return VLLMBackend(server.url, tokenizer, name=spec.name, concurrency=cfg.backend.concurrency,
+                               progress=cfg.progress, on_close=server.stop)
+        except BaseException:
+            server.stop()
+            raise
+    device = cfg.backend.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend.device=cuda but no CUDA device is visible; use backend.device=auto or cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[cfg.backend.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model '{spec.path}' ({_first_line(error)}): give a local folder saved by "
+                        "save_pretrained, or a hub name with network access") from None
+    return TransformersBackend(model.to(device).eval(), tokenizer, name=spec.name,
+                               batch_size=cfg.backend.batch_size, progress=cfg.progress)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
