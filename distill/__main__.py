@@ -18,8 +18,8 @@ USAGE = """usage: python -m distill [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg jo
   python -m distill +student=4b          one student of a released size (needs a GPU machine)
   python -m distill --cfg job            print the composed config and exit
 
-groups: student ({students}), teacher (embedded, transformers), data (arithmetic, messages),
-        loss (forward_kl), pipeline (strong_to_weak)
+groups: student ({students}), teacher (embedded, transformers, vllm), data (arithmetic, messages),
+        loss (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd), pipeline (strong_to_weak)
 """
 
 

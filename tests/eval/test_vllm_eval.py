@@ -43,3 +43,26 @@ def test_eval_starts_and_stops_a_server_for_the_model(vllm_model_dir, tmp_path):
     assert len(samples) == 4 and all(s["response"].startswith("<think>\n\n</think>\n\n") for s in samples)
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(model) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
+
+
+def test_lm_eval_through_the_server_matches_our_harness(vllm_server, vllm_model_dir, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    cache = str(tmp_path / "cache")
+    manager = TaskManager(include_path="eval/lm_eval_tasks", include_defaults=False,
+                          metadata={"cache_dir": cache, "limit": 4})
+    out = simple_evaluate(model="local-completions", model_args={
+        "base_url": vllm_server.url + "/v1/completions", "model": "teacher", "tokenizer": str(vllm_model_dir),
+        "tokenizer_backend": "huggingface", "tokenized_requests": True, "think_end_token": "</think>"},
+        tasks=["distill_arithmetic"], task_manager=manager, apply_chat_template=True, log_samples=True,
+        gen_kwargs={"max_gen_toks": 10})
+    theirs = {s["doc"]["id"]: s for s in out["samples"]["distill_arithmetic"]}
+    ours = _eval(tmp_path, "ours", f"models=[m:{vllm_model_dir}]", "backend.kind=vllm",
+                 f"backend.url={vllm_server.url}", "greedy=true", "modes=[think]")["m"]["think"]["samples"]
+    assert len(theirs) == len(ours) == 4
+    for sample in ours:
+        their = theirs[sample["problem"]]
+        assert their["doc"]["reference"] == sample["reference"]
+        assert their["filtered_resps"][0].strip() == sample["response"].split("</think>")[-1].strip()
+        assert their["pass@1"] == float(sample["correct"])
