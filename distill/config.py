@@ -140,6 +140,40 @@ class OffPolicyConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation: the student samples, the teacher scores those very tokens, and the
+    student minimises the divergence on its own samples (the Qwen3 report's second stage)."""
+
+    prompts: int = 2000          # training prompts after the off-policy ones (its own data)
+    steps: int = 150
+    batch_size: int = 32         # rollouts (or off-policy sequences) per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 128
+    top_k: int = 20              # teacher log-probabilities per sampled token (estimator "full")
+    # full: the divergence over the teacher's top-k + tail at every sampled position;
+    # sampled_token: the reverse-KL score-function estimator from log p(y) of the sampled token.
+    estimator: Literal["full", "sampled_token"] = "full"
+    loss: LossConfig = field(default_factory=lambda: LossConfig(divergence="reverse_kl"))
+    # GKD's lambda: the chance that a step is on-policy (else a batch of the teacher's cached
+    # off-policy samples); it moves linearly from `mix` to `mix_end` (null: constant).
+    mix: float = 1.0
+    mix_end: float | None = None
+    # Rollout sampling. Temperature 1 without truncation samples from the student's own
+    # distribution, which the reverse-KL estimators assume.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sample_top_k: int = 0
+    # A rollout cut at max_new_tokens: "prefix" trains on its tokens without an end (no eos
+    # target), "drop" leaves it out. Either way it is counted (train/<student>/rollout_truncated).
+    truncated: Literal["prefix", "drop"] = "prefix"
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     """The eval stage (eval/harness.py): at the end of the pipeline on the test split, and
     periodically during training on the validation split."""
@@ -158,6 +192,7 @@ class EvalConfig:
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["teacher", "offpolicy", "eval", "release"])
     offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -188,7 +223,7 @@ class Config:
     student: StudentConfig | None = None
 
 
-STAGES = ("teacher", "teacher_outputs", "offpolicy", "eval", "release")
+STAGES = ("teacher", "teacher_outputs", "offpolicy", "onpolicy", "eval", "release")
 
 
 def student_node(preset: str) -> dict:
@@ -240,6 +275,20 @@ def validate(raw: dict) -> Config:
             if student.init == "teacher":
                 raise ConfigError(f"students.{name}.init=teacher needs the teacher in process; with teacher.serve=vllm "
                                   "only its server is used: start the student from random init or a checkpoint")
+    onpolicy = config.pipeline.onpolicy
+    for name, value in (("mix", onpolicy.mix), ("mix_end", onpolicy.mix_end)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"pipeline.onpolicy.{name} must lie in [0, 1], got {value}")
+    if "onpolicy" in config.pipeline.stages and (onpolicy.mix < 1 or (onpolicy.mix_end or 1) < 1) and \
+            "offpolicy" not in config.pipeline.stages:
+        raise ConfigError("pipeline.onpolicy.mix < 1 mixes in off-policy batches, which need the offpolicy stage: "
+                          "add offpolicy to pipeline.stages or set pipeline.onpolicy.mix=1")
+    if onpolicy.estimator == "sampled_token" and (onpolicy.temperature != 1 or onpolicy.top_p != 1 or
+                                                  onpolicy.sample_top_k):
+        raise ConfigError("pipeline.onpolicy.estimator=sampled_token assumes samples from the student itself: set "
+                          "pipeline.onpolicy.temperature=1 top_p=1 sample_top_k=0, or use estimator=full")
+    if not 0 < onpolicy.top_p <= 1 or onpolicy.temperature <= 0 or onpolicy.sample_top_k < 0:
+        raise ConfigError("pipeline.onpolicy: need temperature > 0, 0 < top_p <= 1 and sample_top_k >= 0")
     offpolicy = config.pipeline.offpolicy
     if not 0 <= offpolicy.worker < max(1, offpolicy.workers):
         raise ConfigError(f"pipeline.offpolicy.worker={offpolicy.worker} must lie in [0, workers={offpolicy.workers})")
@@ -257,6 +306,12 @@ def _check_positive(config: Config) -> None:
         "pipeline.offpolicy.shard_size": config.pipeline.offpolicy.shard_size,
         "pipeline.offpolicy.workers": config.pipeline.offpolicy.workers,
         "pipeline.offpolicy.max_new_tokens": config.pipeline.offpolicy.max_new_tokens,
+        "pipeline.onpolicy.steps": config.pipeline.onpolicy.steps,
+        "pipeline.onpolicy.batch_size": config.pipeline.onpolicy.batch_size,
+        "pipeline.onpolicy.grad_accum": config.pipeline.onpolicy.grad_accum,
+        "pipeline.onpolicy.prompts": config.pipeline.onpolicy.prompts,
+        "pipeline.onpolicy.top_k": config.pipeline.onpolicy.top_k,
+        "pipeline.onpolicy.max_new_tokens": config.pipeline.onpolicy.max_new_tokens,
         "pipeline.eval.problems": config.pipeline.eval.problems,
         "pipeline.eval.samples": config.pipeline.eval.samples,
         "pipeline.eval.periodic_problems": config.pipeline.eval.periodic_problems,

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -119,12 +119,14 @@ def reference_reply(messages: list[dict]) -> str | None:
 @dataclass
 class Example:
     """One training sequence: prompt and response ids, and optionally the teacher's top-k
-    distribution for each response token ([R, K])."""
+    distribution for each response token ([R, K]) and its log-probability of each actual
+    response token ([R], for the sampled-token estimator)."""
 
     prompt: list[int]
     response: list[int]
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    token_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -133,7 +135,9 @@ class TokenBatch:
 
     input_ids, attention_mask: [B, L]; target_mask: [B, L] True where the next token is a
     response token (prompt tokens never count; the final eos always does);
-    targets: [B, L] the next token; topk_ids / topk_logprobs: [B, L, K] or None.
+    targets: [B, L] the next token; topk_ids / topk_logprobs: [B, L, K] or None;
+    token_logprobs: [B, L] the teacher's log-probability of each target token, or None.
+    `stats` are numbers about how the batch was made (on-policy rollouts), logged with the step.
     """
 
     input_ids: torch.Tensor
@@ -143,13 +147,16 @@ class TokenBatch:
     topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
     mode: str | None = None     # "think" / "no_think" when every row is of one mode
+    token_logprobs: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_targets(self) -> int:
         return int(self.target_mask.sum())
 
 
-def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | None = None) -> TokenBatch:
+def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | None = None,
+            stats: dict[str, float] | None = None) -> TokenBatch:
     lengths = [min(len(e.prompt) + len(e.response), max_length) for e in examples]
     width = max(lengths)
     batch, k = len(examples), (examples[0].topk_ids.shape[-1] if examples[0].topk_ids is not None else 0)
@@ -159,6 +166,7 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
     targets = torch.zeros((batch, width), dtype=torch.long)
     topk_ids = torch.zeros((batch, width, k), dtype=torch.long) if k else None
     topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32) if k else None
+    chosen = torch.zeros((batch, width), dtype=torch.float32) if examples[0].token_logprobs is not None else None
     for row, (example, length) in enumerate(zip(examples, lengths)):
         sequence = torch.tensor((example.prompt + example.response)[:length])
         input_ids[row, :length] = sequence
@@ -174,7 +182,10 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
         if k:
             topk_ids[row, start:stop] = example.topk_ids[:stop - start].long()
             topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
-    return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs, mode)
+        if chosen is not None:
+            chosen[row, start:stop] = example.token_logprobs[:stop - start].float()
+    return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs, mode, chosen,
+                      dict(stats or {}))
 
 
 def mode_alternating_batches(examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,

@@ -30,7 +30,11 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     model.eval()
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Never sample an embedding-padding row (past the tokenizer's real tokens): Qwen3 pads its
+    # embedding to a multiple of 128, and an untrained row's logit is arbitrary.
+    padding_rows = list(range(len(tokenizer), model.get_output_embeddings().weight.shape[0]))
     config = GenerationConfig(
+        suppress_tokens=padding_rows or None,
         max_new_tokens=max_new_tokens,
         do_sample=sampling is not None,
         temperature=sampling.temperature if sampling else None,

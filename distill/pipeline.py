@@ -24,7 +24,8 @@ from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
 from distill.files import atomic_write_text
 from distill.plots import loss_curves
-from distill.release import model_card, write_release
+from distill.onpolicy import onpolicy_batches
+from distill.release import model_card, save_model_folder, write_release
 from distill.tracking import Tracker
 from distill.train import Schedule, distillation_objective, fit
 from eval.backends import TransformersBackend
@@ -85,23 +86,22 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             tick = time.perf_counter()
             summary.teacher_outputs = fill_teacher_outputs(cfg, teacher, dataset["train"], tracker, run_dir, progress)
             summary.seconds["teacher_outputs"] = time.perf_counter() - tick
-        if "offpolicy" in cfg.pipeline.stages:
-            examples = offpolicy_examples(cfg, teacher.tokenizer, summary.teacher_outputs, tracker)
+        if {"offpolicy", "onpolicy"} & set(cfg.pipeline.stages):
+            data = StudentData(
+                examples=offpolicy_examples(cfg, teacher.tokenizer, summary.teacher_outputs, tracker)
+                if "offpolicy" in cfg.pipeline.stages else None,
+                onpolicy_prompts=onpolicy_prompts(cfg, dataset["train"]) if "onpolicy" in cfg.pipeline.stages else None,
+                validation=validation_problems(cfg, dataset["validation"]))
             tick = time.perf_counter()
             workers = student_workers(cfg, device)
             students = {name: build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
                         for index, (name, student_cfg) in enumerate(cfg.students.items())}
-            validation = None
-            if cfg.pipeline.eval.every:
-                split = dataset["validation"]
-                validation, _ = eval_problems(cfg, split.select(range(min(cfg.pipeline.eval.periodic_problems,
-                                                                          len(split)))))
             if workers > 1:
-                students = train_students_in_workers(cfg, students, examples, tokenizer, tracker, run_dir, workers,
-                                                     progress, validation)
+                students = train_students_in_workers(cfg, students, data, tokenizer, tracker, run_dir, workers,
+                                                     progress, teacher_source(cfg, teacher, teacher_folder))
             else:
                 for name, student in students.items():
-                    train_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress, validation)
+                    train_student(cfg, name, student, data, tokenizer, lambda: teacher, tracker, run_dir, progress)
             summary.seconds["train_students"] = time.perf_counter() - tick
 
         if "eval" in cfg.pipeline.stages:
@@ -259,7 +259,8 @@ def serve_teacher(cfg: Config, folder: str, tokenizer, name: str, run_dir: Path,
 
     url = cfg.teacher.url
     if not url:
-        server = VLLMServer(folder, max_logprobs=max(20, cfg.pipeline.offpolicy.top_k + 16), dtype=cfg.teacher.dtype,
+        top_k = max(cfg.pipeline.offpolicy.top_k, cfg.pipeline.onpolicy.top_k)
+        server = VLLMServer(folder, max_logprobs=max(20, top_k + 16), dtype=cfg.teacher.dtype,
                             log_path=run_dir / "vllm_server.log")
         cleanup.append(server.stop)
         url = server.start().url
@@ -322,10 +323,48 @@ def offpolicy_examples(cfg: Config, tokenizer, folder: Path, tracker: Tracker) -
     return examples
 
 
-def train_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]],
-                    tokenizer: PreTrainedTokenizerBase, tracker: Tracker, progress: bool,
-                    validation: list[Problem] | None = None) -> None:
-    _fit_offpolicy(cfg, name, student, examples, tokenizer, tracker, progress, validation=validation)
+@dataclass
+class StudentData:
+    """What the students' training stages read: the teacher's cached off-policy samples, the
+    on-policy stage's own prompts, and validation problems for periodic eval."""
+
+    examples: dict[str, list[Example]] | None = None
+    onpolicy_prompts: list[list[dict]] | None = None
+    validation: list[Problem] | None = None
+
+
+def onpolicy_prompts(cfg: Config, train_split) -> list[list[dict]]:
+    """The on-policy stage's prompts: training rows after the off-policy stage's, so each stage
+    has its own data."""
+    start = cfg.pipeline.offpolicy.prompts if "offpolicy" in cfg.pipeline.stages else 0
+    stop = min(start + cfg.pipeline.onpolicy.prompts, len(train_split))
+    if stop <= start:
+        raise ConfigError(f"no training prompts left for the on-policy stage: the train split has {len(train_split)} "
+                          f"rows and the off-policy stage takes {start}; lower pipeline.offpolicy.prompts or add data")
+    return [prompt_messages(m) for m in train_split.select(range(start, stop))["messages"]]
+
+
+def validation_problems(cfg: Config, split) -> list[Problem] | None:
+    if not cfg.pipeline.eval.every:
+        return None
+    problems, _ = eval_problems(cfg, split.select(range(min(cfg.pipeline.eval.periodic_problems, len(split)))))
+    return problems
+
+
+def train_student(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, make_teacher,
+                  tracker: Tracker, run_dir: Path, progress: bool, position: int = 0) -> list[dict]:
+    """The student's training stages in order: off-policy, a checkpoint, on-policy. Returns the
+    logged records. `make_teacher()` gives the teacher that scores on-policy rollouts."""
+    records = []
+    if data.examples is not None:
+        records += _fit_offpolicy(cfg, name, student, data.examples, tokenizer, tracker, progress, position,
+                                  data.validation)
+    if data.onpolicy_prompts is not None:
+        if data.examples is not None:
+            # The stage boundary of the recipe: the off-policy student, loadable on its own.
+            save_model_folder(run_dir / "checkpoints" / "offpolicy" / name, student, tokenizer)
+        records += _fit_onpolicy(cfg, name, student, data, tokenizer, make_teacher(), tracker, progress, position)
+    return records
 
 
 def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], tokenizer,
@@ -337,12 +376,32 @@ def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: d
                         max_grad_norm=stage.max_grad_norm)
     batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
                                        micro_batches=stage.grad_accum, seed=stage.seed)
-    periodic = None
-    if cfg.pipeline.eval.every and validation:
-        periodic = (cfg.pipeline.eval.every, periodic_eval(cfg, name, tokenizer, validation))
     return fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
                prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
-               periodic=periodic)
+               periodic=_periodic(cfg, name, tokenizer, validation))
+
+
+def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, teacher,
+                  tracker: Tracker, progress: bool, position: int = 0) -> list[dict]:
+    stage = cfg.pipeline.onpolicy
+    schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
+                        weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
+    offpolicy = None
+    if data.examples is not None and (stage.mix < 1 or (stage.mix_end is not None and stage.mix_end < 1)):
+        offpolicy = mode_alternating_batches(data.examples, stage.batch_size, tokenizer.pad_token_id,
+                                             cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1)
+    batches = onpolicy_batches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
+                               max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed)
+    objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
+    return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
+               desc=f"on-policy {name}", progress=progress, position=position,
+               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation))
+
+
+def _periodic(cfg: Config, name: str, tokenizer, validation: list[Problem] | None):
+    if not (cfg.pipeline.eval.every and validation):
+        return None
+    return cfg.pipeline.eval.every, periodic_eval(cfg, name, tokenizer, validation)
 
 
 def periodic_eval(cfg: Config, name: str, tokenizer, problems: list[Problem]):
@@ -372,27 +431,50 @@ def student_workers(cfg: Config, device: torch.device) -> int:
     return max(1, min(len(cfg.students), cores))
 
 
-def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel], examples, tokenizer,
+def teacher_source(cfg: Config, teacher, folder: str | None) -> tuple[str, str] | None:
+    """How a worker process reaches the teacher for on-policy scoring: the vLLM server's URL, or
+    the folder (or hub name) it loads in process."""
+    if "onpolicy" not in cfg.pipeline.stages:
+        return None
+    if cfg.teacher.serve == "vllm":
+        return "vllm", teacher.url
+    return "folder", folder
+
+
+def _teacher_from_source(cfg: Config, source: tuple[str, str], tokenizer, progress: bool):
+    kind, where = source
+    if kind == "vllm":
+        from teachers.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher(where, tokenizer, progress=False, concurrency=cfg.teacher.vllm_concurrency)
+    model = load_pretrained(where, dtype=getattr(torch, cfg.teacher.dtype), trust_remote_code=cfg.teacher.trust_remote_code,
+                            quantization=cfg.teacher.quantization, device_map=cfg.teacher.device_map)
+    return TransformersTeacher(model.eval(), tokenizer, name=where, progress=False)
+
+
+def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel], data: StudentData, tokenizer,
                               tracker: Tracker, run_dir: Path, workers: int, progress: bool,
-                              validation: list[Problem] | None = None) -> dict[str, PreTrainedModel]:
-    """Train each (initialised) student in its own process; the trained weights come back into
-    the same model objects and the metrics are replayed into this run's log."""
+                              source: tuple[str, str] | None) -> dict[str, PreTrainedModel]:
+    """Train each (initialised) student in its own process, all its stages there; the trained
+    weights come back into the same model objects and the metrics are replayed into this run's log."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (cfg.threads or os.cpu_count() or 1) // workers)
     jobs = {}
+    # Tensors sent to a process each hold a shared-memory file descriptor; thousands of small
+    # top-k tensors exhaust the limit, so examples travel as numpy arrays (copied by pickle).
+    packed = None if data.examples is None else {
+        mode: [(e.prompt, e.response, e.topk_ids.numpy(), e.topk_logprobs.numpy()) for e in items]
+        for mode, items in data.examples.items()}
+    light = StudentData(examples=None, onpolicy_prompts=data.onpolicy_prompts, validation=data.validation)
     # spawn, not fork: a forked child inherits this process's torch thread pools and locks.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # Tensors sent to a process each hold a shared-memory file descriptor; thousands of small
-        # top-k tensors exhaust the limit, so examples travel as numpy arrays (copied by pickle).
-        packed = {mode: [(e.prompt, e.response, e.topk_ids.numpy(), e.topk_logprobs.numpy()) for e in items]
-                  for mode, items in examples.items()}
         for position, (name, student) in enumerate(students.items()):
             # The model travels as config + weights and is rebuilt there: a pickled transformers
             # model loses the hooks that collect MoE router logits.
             jobs[name] = pool.submit(_train_student_worker, cfg, name, student.config, student.state_dict(), packed,
-                                     tokenizer, str(run_dir), threads, position, progress, validation)
+                                     light, tokenizer, str(run_dir), threads, position, progress, source)
         results = {name: job.result() for name, job in jobs.items()}
     for name, student in students.items():
         state, records = results[name]
@@ -402,16 +484,19 @@ def train_students_in_workers(cfg: Config, students: dict[str, PreTrainedModel],
     return students
 
 
-def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, tokenizer, run_dir: str, threads: int,
-                          position: int, progress: bool, validation: list[Problem] | None):
+def _train_student_worker(cfg: Config, name: str, config, state: dict, packed, data: StudentData, tokenizer,
+                          run_dir: str, threads: int, position: int, progress: bool, source):
     torch.set_num_threads(threads)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     student.load_state_dict(state)
-    examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
-                for mode, items in packed.items()}
+    if packed is not None:
+        data.examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
+                         for mode, items in packed.items()}
     # The records come back with the weights; the main process writes them to the run's log.
-    records = _fit_offpolicy(cfg, name, student, examples, tokenizer, Tracker(Path(run_dir), metrics_file=None),
-                             progress, position, validation)
+    records = train_student(cfg, name, student, data, tokenizer,
+                            lambda: _teacher_from_source(cfg, source, tokenizer, progress),
+                            Tracker(Path(run_dir), metrics_file=None), run_dir=Path(run_dir), progress=progress,
+                            position=position)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, records
 
 

@@ -21,6 +21,26 @@ CHECKSUMS = "SHA256SUMS"
 
 
 def write_release(destination: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: str) -> Path:
+    """A release folder: weights (safetensors), tokenizer and chat template, the thinking-mode
+    generation config, the model card and SHA256SUMS; written atomically."""
+
+    def extras(staging: Path) -> None:
+        think = MODE_SAMPLING["think"]
+        GenerationConfig(
+            do_sample=True, temperature=think.temperature, top_p=think.top_p, top_k=think.top_k,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=model.config.bos_token_id,
+        ).save_pretrained(staging)
+        (staging / "README.md").write_text(card)
+
+    return save_model_folder(destination, model, tokenizer, extras)
+
+
+def save_model_folder(destination: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      extras=None) -> Path:
+    """`save_pretrained` (safetensors) of model and tokenizer into a staging folder, then one
+    rename: a reader sees the old folder or the new one, never half of one (a stage checkpoint
+    or a release)."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.partial-{os.getpid()}"
@@ -29,13 +49,8 @@ def write_release(destination: Path, model: PreTrainedModel, tokenizer: PreTrain
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        think = MODE_SAMPLING["think"]
-        GenerationConfig(
-            do_sample=True, temperature=think.temperature, top_p=think.top_p, top_k=think.top_k,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=model.config.bos_token_id,
-        ).save_pretrained(staging)
-        (staging / "README.md").write_text(card)
+        if extras is not None:
+            extras(staging)
         write_checksums(staging)
         _replace_directory(staging, destination)
     except BaseException:

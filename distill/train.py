@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
     records, started = [], time.perf_counter()
     # Metric sums and how many micro-batches reported each (a per-mode metric appears only in
     # that mode's micro-batches).
-    tokens_seen, sums, counts = 0, {}, {}
+    tokens_seen, sums, counts, skipped = 0, {}, {}, 0
     bar = tqdm(range(schedule.steps), desc=desc, disable=not progress, position=position)
     for step in bar:
         micro_batches = next(batches)
@@ -89,22 +90,30 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             group["lr"] = schedule.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
-            loss, metrics = objective(model, _to(micro, device), normaliser)
-            loss.backward()
+            metrics = dict(micro.stats)
+            if step_tokens:  # a step with no target token at all (every rollout dropped) changes nothing
+                loss, computed = objective(model, _to(micro, device), normaliser)
+                loss.backward()
+                metrics.update(computed)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step}; lower the learning rate")
-        optimizer.step()
-        tokens_seen += step_tokens
+        if step_tokens:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step}; lower the learning rate")
+            optimizer.step()
+            tokens_seen += step_tokens
+        else:
+            grad_norm = torch.zeros(())
+            skipped += 1
         if (step + 1) % log_every == 0 or step + 1 == schedule.steps:
             elapsed = time.perf_counter() - started
             means = {k: v / counts[k] for k, v in sums.items()}
             record = {_metric_name(prefix, k): v for k, v in means.items()}
             record.update({f"{prefix}/lr": schedule.lr_at(step), f"{prefix}/grad_norm": float(grad_norm),
                            f"{prefix}/step": step + 1, f"{prefix}/target_tokens": tokens_seen,
+                           f"{prefix}/skipped_steps": skipped,
                            f"perf/{_model_name(prefix)}/tokens_per_s": tokens_seen / elapsed})
             tracker.log(record)
             records.append(record)
@@ -134,9 +143,11 @@ def _metric_name(prefix: str, key: str) -> str:
 def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
     if device.type == "cpu":
         return batch
-    return TokenBatch(*(t.to(device) if t is not None else None for t in
-                        (batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets,
-                         batch.topk_ids, batch.topk_logprobs)), mode=batch.mode)
+    moved = [t.to(device) if t is not None else None for t in
+             (batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.topk_ids,
+              batch.topk_logprobs)]
+    chosen = batch.token_logprobs.to(device) if batch.token_logprobs is not None else None
+    return TokenBatch(*moved, mode=batch.mode, token_logprobs=chosen, stats=batch.stats)
 
 
 def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
@@ -202,19 +213,27 @@ def cross_entropy_objective(real_vocab: int) -> Objective:
     return objective
 
 
-def distillation_objective(loss_cfg: LossConfig, real_vocab: int) -> Objective:
-    """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix.
+def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str = "full") -> Objective:
+    """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix;
+    or, with `estimator="sampled_token"`, the reverse-KL estimator that uses the teacher's
+    log-probability of each sampled token alone, on the student's own samples (batches that carry
+    those log-probabilities); the teacher's cached samples mixed into the on-policy stage are
+    still scored with the divergence, since the estimator holds only for the student's samples.
 
     `loss.implementation=chunked` (the default) never builds the [tokens, vocab] logits;
     `naive` does, for comparison."""
-    token_loss = losses.TokenLoss(divergence=loss_cfg.divergence, beta=loss_cfg.beta, alpha=loss_cfg.alpha,
+    divergence = losses.TokenLoss(divergence=loss_cfg.divergence, beta=loss_cfg.beta, alpha=loss_cfg.alpha,
                                   temperature=loss_cfg.temperature,
                                   scale_by_temperature_squared=loss_cfg.scale_by_temperature_squared,
                                   missing_mass=loss_cfg.missing_mass, ce_weight=loss_cfg.ce_weight, vocab=real_vocab)
+    sampled = partial(losses.sampled_token_reverse_kl, vocab=real_vocab)
 
     def objective(model, batch, step_tokens):
         mask = batch.target_mask
-        teacher = losses.TopKTeacher(batch.topk_ids[mask], batch.topk_logprobs[mask])
+        if estimator == "sampled_token" and batch.token_logprobs is not None:
+            teacher, token_loss = losses.SampledTokenTeacher(batch.token_logprobs[mask]), sampled
+        else:
+            teacher, token_loss = losses.TopKTeacher(batch.topk_ids[mask], batch.topk_logprobs[mask]), divergence
         targets = batch.targets[mask]
         if loss_cfg.implementation == "chunked":
             hidden, aux = _hidden_states(model, batch)

@@ -16,11 +16,14 @@ class TopK:
     """The teacher's top-k next-token distribution at each response position.
 
     ids [T, K] int32 and logprobs [T, K] float32 (temperature 1, over the real vocabulary),
-    row j for the j-th response token, sorted by decreasing probability.
+    row j for the j-th response token, sorted by decreasing probability. chosen [T] float32:
+    the log-probability of the actual j-th response token, in or outside the top-k (the
+    sampled-token estimator of on-policy distillation needs only this).
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
+    chosen: torch.Tensor | None = None
 
 
 class Teacher(Protocol):

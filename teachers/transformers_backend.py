@@ -49,7 +49,8 @@ class TransformersTeacher:
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             for row, (p, r) in enumerate(pairs):
                 # logits at position t predict token t + 1: response token j comes from p + j - 1.
-                rows = logits[row, len(p) - 1:len(p) + len(r) - 1, :self.real_vocab].float()
-                values, ids = torch.log_softmax(rows, dim=-1).topk(k, dim=-1)
-                out.append(TopK(ids=ids.to(torch.int32).cpu(), logprobs=values.cpu()))
+                rows = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(r) - 1, :self.real_vocab].float(), dim=-1)
+                values, ids = rows.topk(k, dim=-1)
+                chosen = rows.gather(-1, torch.tensor(r, device=rows.device)[:, None].clamp(max=self.real_vocab - 1))[:, 0]
+                out.append(TopK(ids=ids.to(torch.int32).cpu(), logprobs=values.cpu(), chosen=chosen.cpu()))
         return out

@@ -98,7 +98,7 @@ class VLLMTeacher:
                 self.margin = 0
                 return request(batch)
             choices = sorted(answer["choices"], key=lambda c: c["index"])
-            return [self._response_top_k(c["prompt_logprobs"], len(p), len(r), k) for c, (p, r) in zip(choices, batch)]
+            return [self._response_top_k(c["prompt_logprobs"], len(p), r, k) for c, (p, r) in zip(choices, batch)]
 
         return self._map(request, list(zip(prompts, responses)), "teacher scores", per_request=self.batch_size)
 
@@ -110,12 +110,16 @@ class VLLMTeacher:
         finished = choice["finish_reason"] == "stop"
         return Generation(ids=ids, finished=finished)
 
-    def _response_top_k(self, prompt_logprobs: list, prompt_len: int, response_len: int, k: int) -> TopK:
+    def _response_top_k(self, prompt_logprobs: list, prompt_len: int, response: list[int], k: int) -> TopK:
         """Rows for the response positions: entry i predicts token i of the whole sequence."""
+        response_len = len(response)
         ids = torch.empty(response_len, k, dtype=torch.int32)
         values = torch.empty(response_len, k, dtype=torch.float32)
+        chosen = torch.empty(response_len, dtype=torch.float32)
         for j in range(response_len):
             entry = prompt_logprobs[prompt_len + j]
+            # vLLM always includes the actual token, ranked or not.
+            chosen[j] = entry[str(response[j])]["logprob"]
             # vLLM adds the actual token when it is outside the top-k: keep the asked ranks only,
             # and real tokens only (their mass over the real vocabulary is what the losses use;
             # a padding row's mass falls into the tail).
@@ -126,7 +130,7 @@ class VLLMTeacher:
                                          f"rest are embedding padding): raise its --max-logprobs or lower the top-k")
             ids[j] = torch.tensor([t for _, t, _ in top], dtype=torch.int32)
             values[j] = torch.tensor([v for _, _, v in top], dtype=torch.float32)
-        return TopK(ids=ids, logprobs=values)
+        return TopK(ids=ids, logprobs=values, chosen=chosen)
 
     def _map(self, request, items: list, desc: str, per_request: int) -> list:
         batches = [items[i:i + per_request] for i in range(0, len(items), per_request)]

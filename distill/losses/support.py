@@ -49,6 +49,17 @@ class TopKTeacher:
         return TopKTeacher(self.ids[index], self.logprobs[index])
 
 
+@dataclass(frozen=True)
+class SampledTokenTeacher:
+    """Only the teacher's log-probability of each sampled token, [N]: all the sampled-token
+    estimator of on-policy distillation needs (any backend gives it, a server too)."""
+
+    chosen: torch.Tensor
+
+    def rows(self, index) -> "SampledTokenTeacher":
+        return SampledTokenTeacher(self.chosen[index])
+
+
 TeacherDistribution = FullTeacher | TopKTeacher
 
 

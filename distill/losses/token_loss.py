@@ -6,7 +6,8 @@ selected, mask None), the teacher's distribution for the same positions (`FullTe
 the caller divides their sum by the target tokens of the whole optimizer step (see distill/train.py).
 
 `TokenLoss` is the configured mix used in training: a divergence (optionally scaled by tau^2),
-plus a weight of cross-entropy on the sampled tokens.
+plus a weight of cross-entropy on the sampled tokens. `sampled_token_reverse_kl` is the
+on-policy estimator that needs only the teacher's log-probability of each sampled token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import divergences
-from distill.losses.support import TeacherDistribution, aligned_log_probs
+from distill.losses.support import SampledTokenTeacher, TeacherDistribution, aligned_log_probs, gathered_log_softmax
 
 DIVERGENCES = {
     "forward_kl": divergences.forward_kl,
@@ -62,6 +63,25 @@ def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, target_ma
     if vocab is not None:
         student_logits = student_logits[..., :vocab]
     return F.cross_entropy(student_logits.float(), targets.long(), reduction="none")
+
+
+def sampled_token_reverse_kl(student_logits: torch.Tensor, teacher: SampledTokenTeacher, targets: torch.Tensor, *,
+                             vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """On-policy reverse KL from the sampled tokens alone: logits [N, V], teacher.chosen [N],
+    targets [N] (the tokens the student sampled) -> {"loss", "kd"} [N].
+
+    For y ~ q, log q(y) - log p(y) is an unbiased estimate of KL(q||p) at that position, and
+    sg(log q(y) - log p(y)) * log q(y) has the gradient E_q[(log q - log p) grad log q] of the
+    KL (the score-function estimator; the E_q[grad log q] term is zero). Per token with no
+    credit to later tokens, as in Thinking Machines' on-policy distillation. Unbiased only when
+    the samples come from q itself: sample at temperature 1 without top-k/top-p truncation.
+    "kd" is the estimate, which averages to the reverse KL.
+    """
+    if vocab is not None:
+        student_logits = student_logits[..., :vocab]
+    logq = gathered_log_softmax(student_logits, targets.long()[:, None])[:, 0]
+    estimate = logq.detach() - teacher.chosen.float()
+    return {"loss": estimate * logq, "kd": estimate}
 
 
 @dataclass(frozen=True)
