@@ -62,7 +62,7 @@ def main() -> None:
         students, curves, renamed = {}, {}, []
         for source, examples in (("cache", cached), ("live", live)):
             student = build_student(cfg.students["dense"], model, seed=cfg.seed)
-            records = _fit_offpolicy(cfg, "dense", student, examples, tokenizer.pad_token_id, len(tokenizer),
+            records = _fit_offpolicy(cfg, "dense", student, examples, tokenizer,
                                      Tracker(run_dir, logger="none", metrics_file=None), True)
             students[source] = student
             curves[source] = [(r["train/dense/step"], r["train/dense/kd_loss"]) for r in records]

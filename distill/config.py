@@ -267,9 +267,10 @@ def validate(raw: dict) -> Config:
     for mode in config.pipeline.eval.modes:
         if mode not in ("think", "no_think"):
             raise ConfigError(f"pipeline.eval.modes: unknown mode '{mode}'; valid: think, no_think")
-    for name, value in (("beta", config.loss.beta), ("alpha", config.loss.alpha)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"loss.{name} must lie in [0, 1], got {value}")
+    for key, loss in (("loss", config.loss), ("pipeline.onpolicy.loss", config.pipeline.onpolicy.loss)):
+        for name, value in (("beta", loss.beta), ("alpha", loss.alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}.{name} must lie in [0, 1], got {value}")
     if config.teacher.serve == "vllm" and config.teacher.kind == "transformers":
         for name, student in config.students.items():
             if student.init == "teacher":

@@ -42,6 +42,10 @@ TINY_RUN = [
     "pipeline.offpolicy.steps=12",
     "pipeline.offpolicy.batch_size=8",
     "pipeline.offpolicy.max_new_tokens=48",
+    "pipeline.onpolicy.prompts=40",
+    "pipeline.onpolicy.steps=4",
+    "pipeline.onpolicy.batch_size=8",
+    "pipeline.onpolicy.max_new_tokens=48",
     "pipeline.eval.problems=24",
     "pipeline.eval.max_new_tokens=48",
 ]

@@ -51,6 +51,15 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
         assert any(k.startswith(expected) or k == expected for k in keys), expected
     assert "moe/moe/aux_loss" in keys and "moe/teacher/aux_loss" in keys
     assert "moe/dense/aux_loss" not in keys
+    # the recipe: off-policy, a loadable checkpoint, then on-policy on the student's own rollouts
+    for name in ("dense", "moe"):
+        checkpoint = run_dir / "checkpoints" / "offpolicy" / name
+        assert verify_checksums(checkpoint) == [] and AutoModelForCausalLM.from_pretrained(checkpoint) is not None
+        steps = [r[f"train/{name}/onpolicy/step"] for r in records if f"train/{name}/onpolicy/kd_loss" in r]
+        assert steps and steps[-1] == 4
+    onpolicy = next(r for r in records if "train/dense/onpolicy/kd_loss" in r)
+    assert onpolicy["train/dense/onpolicy/onpolicy"] == 1.0 and 0 <= onpolicy["train/dense/onpolicy/rollout_truncated"] <= 1
+    assert onpolicy["train/dense/onpolicy/rollout_tokens"] > 0
     losses = [r["train/dense/kd_loss"] for r in records if "train/dense/kd_loss" in r]
     assert losses[-1] < losses[0]  # distillation moved the student towards the teacher
     assert (run_dir / "loss_curves.png").stat().st_size > 1000
@@ -192,8 +201,9 @@ def test_teacher_outputs_are_produced_once_and_reused_from_the_cache(tiny_run_ov
 
 
 def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run_overrides, tmp_path):
-    """Parallel training is only a scheduling choice: same seeds, same data, same weights."""
-    stages = "pipeline.stages=[teacher,offpolicy]"
+    """Parallel training is only a scheduling choice: same seeds, same data, same weights, through
+    both stages of the recipe (on-policy rollouts included)."""
+    stages = "pipeline.stages=[teacher,offpolicy,onpolicy]"
     base = [o for o in tiny_run_overrides if not o.startswith("run_dir")]
     parallel, _ = load_config(base + [stages, "student_workers=2", f"run_dir={tmp_path / 'parallel'}"])
     sequential, _ = load_config(base + [stages, "student_workers=1", f"run_dir={tmp_path / 'sequential'}"])
@@ -214,20 +224,22 @@ def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run
     records = read_metrics(tmp_path / "parallel")
     assert any("train/moe/kd_loss" in r for r in records) and any("train/dense/kd_loss" in r for r in records)
     assert any("moe/moe/aux_loss" in r for r in records)  # the balancing loss survives the trip to a worker
+    assert any("train/moe/onpolicy/kd_loss" in r for r in records)
     assert not list((tmp_path / "parallel").glob(".metrics-*"))
 
     sequential_models = {}
-    original_fit = pipeline.train_offpolicy
+    original_fit = pipeline.train_student
 
     def capture(cfg, name, student, *args, **kwargs):
-        original_fit(cfg, name, student, *args, **kwargs)
+        records = original_fit(cfg, name, student, *args, **kwargs)
         sequential_models[name] = student
+        return records
 
-    pipeline.train_offpolicy = capture
+    pipeline.train_student = capture
     try:
         run(sequential, progress=False)
     finally:
-        pipeline.train_offpolicy = original_fit
+        pipeline.train_student = original_fit
     for name in ("dense", "moe"):
         for key, value in sequential_models[name].state_dict().items():
             torch.testing.assert_close(trained["parallel"][name].state_dict()[key], value, rtol=0, atol=0)

@@ -41,6 +41,13 @@ def test_default_run_has_a_dense_and_a_moe_student_and_a_moe_teacher():
     assert count_parameters(build_random(teacher, device="meta")).total > 2 * max(sizes.values())
 
 
+def test_the_default_recipe_is_offpolicy_then_onpolicy():
+    config, _ = load_config([])
+    stages = config.pipeline.stages
+    assert stages.index("offpolicy") < stages.index("onpolicy") < stages.index("eval")
+    assert config.pipeline.onpolicy.loss.divergence == "reverse_kl" and config.loss.divergence == "forward_kl"
+
+
 def test_cfg_job_prints_the_student_architecture(capsys):
     assert main(["+student=4b", "--cfg", "job"]) == 0
     printed = capsys.readouterr().out
@@ -61,6 +68,11 @@ def test_cfg_job_prints_the_student_architecture(capsys):
     (["teacher=vllm", "teacher.model=x"], "students.dense.init=teacher needs the teacher in process"),
     (["teacher=transformers"], "teacher.model is required"),
     (["pipeline.stages=[teacher,dance]"], "unknown stage 'dance'"),
+    (["pipeline.onpolicy.mix=1.5"], "pipeline.onpolicy.mix must lie in [0, 1], got 1.5"),
+    (["pipeline.stages=[teacher,onpolicy]", "pipeline.onpolicy.mix=0.5"], "mixes in off-policy batches"),
+    (["pipeline.onpolicy.estimator=sampled_token", "pipeline.onpolicy.temperature=0.6"], "set pipeline.onpolicy.temperature=1"),
+    (["pipeline.onpolicy.truncated=keep"], "'keep' is not a valid choice; valid: prefix, drop"),
+    (["pipeline.onpolicy.loss.divergence=kl"], "'kl' is not a valid choice"),
     (["+student=4b", "logger=none"], "student '4b' needs about"),
     (["students.dense.teacher_layers=[0,1,2,7]"], "students.dense cannot start from the teacher's blocks: teacher_layers"),
     (["students.dense.architecture.hidden_size=64"], "student hidden_size=64 but teacher hidden_size=128"),

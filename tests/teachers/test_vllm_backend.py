@@ -63,6 +63,9 @@ def test_prompt_top_k_equals_transformers(vllm_teacher, hf_model, tokenizer):
         # vLLM normalises over the checkpoint's whole embedding, padding rows included.
         reference = torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) + len(response) - 1]
         torch.testing.assert_close(reference.gather(-1, top.ids.long()), top.logprobs, rtol=0, atol=1e-4)
+        # ...and the log-probability of each actual response token, ranked or not (on-policy)
+        torch.testing.assert_close(reference.gather(-1, torch.tensor(response)[:, None])[:, 0], top.chosen, rtol=0,
+                                   atol=1e-4)
         # ...and those are the k largest: none outside beats the smallest kept (up to ties).
         kth = reference.topk(k, -1).values[:, -1]
         assert (top.logprobs[:, -1] >= kth - 1e-4).all()
@@ -95,7 +98,8 @@ def test_an_unreachable_server_is_one_clear_line(tokenizer):
 
 def test_pipeline_with_the_embedded_teacher_served_by_vllm(tmp_path):
     """teacher.serve=vllm: the run starts a server on the (cached) embedded teacher, fills the
-    teacher-output cache through it, trains, and stops the server when it ends."""
+    teacher-output cache through it, trains off-policy and then on-policy with the server scoring
+    the students' rollouts, and stops the server when it ends."""
     import json
 
     from conftest import TINY_RUN
@@ -104,7 +108,7 @@ def test_pipeline_with_the_embedded_teacher_served_by_vllm(tmp_path):
 
     overrides = [o for o in TINY_RUN if "head_dim" not in o] + [
         "+teacher.overrides.head_dim=32", "students.dense.architecture.head_dim=32",
-        "teacher.serve=vllm", "pipeline.stages=[teacher,offpolicy]", "pipeline.offpolicy.prompts=16",
+        "teacher.serve=vllm", "pipeline.stages=[teacher,offpolicy,onpolicy]", "pipeline.offpolicy.prompts=16",
         f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
     config, _ = load_config(overrides)
     summary = run(config, progress=False)
@@ -112,6 +116,9 @@ def test_pipeline_with_the_embedded_teacher_served_by_vllm(tmp_path):
     assert "(vLLM)" in manifest["spec"]["teacher"] and manifest["rows"] == 32
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/moe/kd_loss" in r for r in records)
+    # on-policy rollouts of both students (in their worker processes) were scored by the server
+    assert any("train/dense/onpolicy/kd_loss" in r for r in records)
+    assert any("train/moe/onpolicy/kd_loss" in r for r in records)
     # The server ran for the run and was stopped with it.
     import psutil
 

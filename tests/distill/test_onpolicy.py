@@ -1,0 +1,186 @@
+"""On-policy distillation: rollouts scored on exactly the student's tokens, identical prompts,
+truncated rollouts, GKD's lambda, the sampled-token estimator's gradient, and training that
+moves the student towards the teacher on its own samples."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.chat import Sampling, render_prompt
+from distill.config import LossConfig, OnPolicyConfig
+from distill.losses import SampledTokenTeacher, reverse_kl, sampled_token_reverse_kl
+from distill.onpolicy import PromptMismatch, lambda_at, onpolicy_batches, rollout_batch
+from distill.train import Schedule, distillation_objective, fit
+from distill.tracking import Tracker
+from students.build import build_random
+from students.presets import get_preset
+from teachers.transformers_backend import TransformersTeacher
+
+REAL = 261
+
+
+def _model(seed, scale=None, preset="tiny"):
+    extra = {"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}
+    model = build_random(get_preset(preset).override(num_hidden_layers=1, hidden_size=32, head_dim=16, **extra),
+                         seed=seed)
+    if scale:  # a sharp, prompt-dependent distribution (a stand-in for a trained teacher)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, scale, generator=g)
+    return model
+
+
+class RecordingTeacher(TransformersTeacher):
+    """The in-process teacher, remembering what it was asked to score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scored = []
+
+    def top_k_logprobs(self, prompts, responses, k):
+        self.scored.append((prompts, responses))
+        return super().top_k_logprobs(prompts, responses, k)
+
+
+PROMPTS = [[{"role": "user", "content": f"{i}+{i * 3 % 10}*2 mod 10"}] for i in range(12)]
+
+
+def test_the_teacher_scores_exactly_the_students_tokens(tokenizer):
+    student, teacher = _model(0, scale=0.3), RecordingTeacher(_model(1, scale=0.5), tokenizer, name="t", progress=False)
+    cfg = OnPolicyConfig(batch_size=4, max_new_tokens=12, top_k=5)
+    prompts = [render_prompt(tokenizer, m, "think") for m in PROMPTS[:4]]
+    student.train()
+    batch = rollout_batch(student, teacher, tokenizer, prompts, "think", cfg, sampling=Sampling(1.0, 1.0, 0), seed=3,
+                          max_length=256)
+    assert student.training  # generation switched to eval mode and back
+    scored_prompts, responses = teacher.scored[0]
+    assert scored_prompts == prompts
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        # the batch holds prompt + the student's response, and the targets are exactly the response
+        assert batch.input_ids[row, :len(prompt) + len(response)].tolist() == prompt + response
+        assert batch.targets[row][batch.target_mask[row]].tolist() == response
+        # the teacher's log-probabilities are of those tokens at those positions
+        with torch.no_grad():
+            logits = teacher.model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1, :REAL]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(batch.token_logprobs[row][batch.target_mask[row]], expected, rtol=0, atol=1e-5)
+
+
+def test_truncated_rollouts_are_counted_and_never_end_with_eos(tokenizer):
+    student, teacher = _model(0, scale=0.3), TransformersTeacher(_model(1), tokenizer, name="t", progress=False)
+    prompts = [render_prompt(tokenizer, m, "think") for m in PROMPTS[:6]]
+    eos = tokenizer.eos_token_id
+    for policy in ("prefix", "drop"):
+        cfg = OnPolicyConfig(max_new_tokens=3, top_k=4, truncated=policy)
+        batch = rollout_batch(student, teacher, tokenizer, prompts, "think", cfg, sampling=Sampling(1.0, 1.0, 0),
+                              seed=0, max_length=256)
+        truncated = batch.stats["rollout_truncated"]
+        assert 0 < truncated <= 1
+        rows = batch.target_mask.any(-1).sum().item()
+        if policy == "prefix":
+            assert rows == len(prompts)
+            # a truncated rollout has no end: its last target is not an eos
+            ends = [batch.targets[r][batch.target_mask[r]][-1].item() for r in range(len(prompts))]
+            assert sum(e != eos for e in ends) == round(truncated * len(prompts))
+        else:
+            assert rows == round((1 - truncated) * len(prompts))
+
+
+def test_teacher_and_student_must_render_the_same_prompt_tokens(tokenizer, foreign_tokenizer):
+    student = _model(0)
+    teacher = TransformersTeacher(_model(1), foreign_tokenizer, name="t", progress=False)
+    foreign_tokenizer.chat_template = tokenizer.chat_template
+    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, OnPolicyConfig(), steps=1, max_length=256)
+    with pytest.raises(PromptMismatch, match="render a think prompt differently"):
+        next(batches)
+
+
+def test_lambda_schedule_and_mixing():
+    cfg = OnPolicyConfig(mix=0.0, mix_end=1.0)
+    assert [lambda_at(cfg, s, 5) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert lambda_at(OnPolicyConfig(mix=0.3), 7, 10) == 0.3
+
+
+def test_mixing_takes_offpolicy_steps_with_probability_one_minus_lambda(tokenizer):
+    class Offpolicy:
+        def __init__(self):
+            from distill.data import Example, collate
+            self.batch = lambda: collate([Example([1, 2], [3, tokenizer.eos_token_id], torch.zeros(2, 2, dtype=torch.long),
+                                                  torch.zeros(2, 2))], tokenizer.pad_token_id, 64, "think")
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return [self.batch()]
+
+    student, teacher = _model(0), TransformersTeacher(_model(1), tokenizer, name="t", progress=False)
+    cfg = OnPolicyConfig(mix=0.25, batch_size=2, max_new_tokens=2, top_k=2)
+    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, cfg, steps=200, max_length=64,
+                               offpolicy=Offpolicy(), seed=1)
+    kinds = [next(batches)[0].stats["onpolicy"] for _ in range(200)]
+    assert 0.15 < sum(kinds) / len(kinds) < 0.35
+
+
+def test_sampled_token_estimator_has_the_reverse_kl_gradient_in_expectation():
+    torch.manual_seed(0)
+    vocab = 7
+    student_logits = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
+    teacher_logprobs = torch.log_softmax(torch.randn(vocab, dtype=torch.float64) * 2, -1)
+    # the exact expectation over y ~ q of the estimator's gradient
+    q = torch.softmax(student_logits, -1).detach()
+    expected_grad = torch.zeros(vocab, dtype=torch.float64)
+    for y in range(vocab):
+        logits = student_logits.detach().clone().requires_grad_()
+        out = sampled_token_reverse_kl(logits[None], SampledTokenTeacher(teacher_logprobs[[y]]), torch.tensor([y]))
+        out["loss"].sum().backward()
+        expected_grad += q[y] * logits.grad
+    # the gradient of the exact reverse KL(q || p)
+    kl = (q.new_tensor(0) + (torch.softmax(student_logits, -1) * (torch.log_softmax(student_logits, -1)
+                                                                   - teacher_logprobs)).sum())
+    kl.backward()
+    # (the estimator works in float32, like training)
+    torch.testing.assert_close(expected_grad, student_logits.grad, rtol=1e-6, atol=1e-8)
+    # and the estimate itself averages to the KL
+    estimates = [float(torch.log_softmax(student_logits.detach(), -1)[y] - teacher_logprobs[y]) for y in range(vocab)]
+    assert sum(float(q[y]) * estimates[y] for y in range(vocab)) == pytest.approx(float(kl), rel=1e-6)
+
+
+def _reverse_kl_on_own_samples(student, teacher, tokenizer, seed):
+    """Exact per-token KL(q || p) over the full vocabulary, on fresh rollouts of the student."""
+    cfg = OnPolicyConfig(max_new_tokens=10, top_k=REAL)
+    prompts = [render_prompt(tokenizer, m, "think") for m in PROMPTS]
+    batch = rollout_batch(student, teacher, tokenizer, prompts, "think", cfg, sampling=Sampling(1.0, 1.0, 0),
+                          seed=seed, max_length=256)
+    with torch.no_grad():
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
+    from distill.losses import TopKTeacher
+
+    teacher_rows = TopKTeacher(batch.topk_ids[batch.target_mask], batch.topk_logprobs[batch.target_mask])
+    return float(reverse_kl(logits[:, :REAL], teacher_rows, vocab=REAL).mean())
+
+
+@pytest.mark.parametrize("estimator, lr, bound", [("full", 1e-2, 0.5), ("sampled_token", 3e-3, 0.85)])
+def test_onpolicy_training_moves_the_student_towards_the_teacher_on_its_own_samples(tokenizer, estimator, lr, bound):
+    # As in the recipe, the student starts near the teacher (the off-policy stage's job): here a
+    # noisy copy of it, about 3.5 nats of reverse KL away on its own samples.
+    teacher_model = _model(1, scale=0.4).eval()
+    student = copy.deepcopy(teacher_model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.ndim >= 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    teacher = TransformersTeacher(teacher_model, tokenizer, name="t", progress=False)
+    before = _reverse_kl_on_own_samples(student, teacher, tokenizer, seed=100)
+    cfg = OnPolicyConfig(batch_size=8, max_new_tokens=10, top_k=REAL, estimator=estimator, lr=lr)
+    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, cfg, steps=40, max_length=256, seed=0)
+    objective = distillation_objective(LossConfig(divergence="reverse_kl"), REAL, estimator=estimator)
+    fit(student, batches, objective, Schedule(steps=40, lr=lr, warmup_steps=2), tracker=Tracker(Path("."), metrics_file=None),
+        prefix="train/s/onpolicy", desc="test", progress=False)
+    after = _reverse_kl_on_own_samples(student, teacher, tokenizer, seed=100)
+    assert after < bound * before, (before, after)
