@@ -52,14 +52,14 @@ def check_same_prompts(student_tokenizer: PreTrainedTokenizerBase, teacher_token
 def onpolicy_batches(student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase,
                      prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
                      offpolicy: Iterator[list[TokenBatch]] | None = None, seed: int = 0,
-                     generation_batch_size: int = 256) -> Iterator[list[TokenBatch]]:
+                     generation_batch_size: int = 256, modes: tuple[str, ...] = MODES) -> Iterator[list[TokenBatch]]:
     """Endless optimizer steps for `fit`: each a list of `cfg.grad_accum` micro-batches.
 
     Rollouts are drawn from the student as it is when the step begins, so every on-policy batch
     is from the current policy. `offpolicy` supplies the steps that lambda leaves off-policy.
     """
-    check_same_prompts(tokenizer, teacher.tokenizer, {mode: prompts for mode in MODES})
-    rendered = {mode: [render_prompt(tokenizer, messages, mode) for messages in prompts] for mode in MODES}
+    check_same_prompts(tokenizer, teacher.tokenizer, {mode: prompts for mode in modes})
+    rendered = {mode: [render_prompt(tokenizer, messages, mode) for messages in prompts] for mode in modes}
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.sample_top_k)
     rng = random.Random(seed)
     order: list[int] = []
@@ -74,7 +74,7 @@ def onpolicy_batches(student: PreTrainedModel, teacher, tokenizer: PreTrainedTok
             continue
         micro = []
         for _ in range(cfg.grad_accum):
-            mode = MODES[turn % len(MODES)]
+            mode = modes[turn % len(modes)]
             turn += 1
             while len(order) < cfg.batch_size:
                 epoch = list(range(len(prompts)))

@@ -30,7 +30,7 @@ class TransformersTeacher:
                         batch_size=self.generation_batch_size, seed=seed, desc=f"teacher generates ({mode})",
                         progress=self.progress)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def top_k_logprobs(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[TopK]:
         if k > self.real_vocab:
             raise ValueError(f"top_k={k} exceeds the vocabulary ({self.real_vocab} tokens)")
@@ -43,14 +43,25 @@ class TransformersTeacher:
             width = max(len(p) + len(r) for p, r in pairs)
             input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
+            rows, columns = [], []
             for row, (p, r) in enumerate(pairs):
                 input_ids[row, :len(p) + len(r)] = torch.tensor(p + r)
                 attention_mask[row, :len(p) + len(r)] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            for row, (p, r) in enumerate(pairs):
                 # logits at position t predict token t + 1: response token j comes from p + j - 1.
-                rows = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(r) - 1, :self.real_vocab].float(), dim=-1)
-                values, ids = rows.topk(k, dim=-1)
-                chosen = rows.gather(-1, torch.tensor(r, device=rows.device)[:, None].clamp(max=self.real_vocab - 1))[:, 0]
-                out.append(TopK(ids=ids.to(torch.int32).cpu(), logprobs=values.cpu(), chosen=chosen.cpu()))
+                rows += [row] * len(r)
+                columns += range(len(p) - 1, len(p) + len(r) - 1)
+            hidden = self.model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      use_cache=False).last_hidden_state
+            # Only the response positions go through lm_head and the softmax.
+            selected = hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+            logprobs = torch.log_softmax(self.model.get_output_embeddings()(selected)[:, :self.real_vocab].float(), dim=-1)
+            targets = torch.tensor([t for _, r in pairs for t in r], device=device)
+            chosen = logprobs.gather(-1, targets.clamp(max=self.real_vocab - 1)[:, None])[:, 0]
+            values, ids = logprobs.topk(k, dim=-1)
+            offset = 0
+            for _, r in pairs:
+                span = slice(offset, offset + len(r))
+                out.append(TopK(ids=ids[span].to(torch.int32).cpu(), logprobs=values[span].cpu(),
+                                chosen=chosen[span].cpu()))
+                offset += len(r)
         return out

@@ -1,0 +1,71 @@
+"""The lean dense-Qwen3 decoder against the transformers forward: same logits at every step,
+same greedy tokens as model.generate, and a fall-back for models it does not cover."""
+
+import torch
+from transformers import GenerationConfig
+
+from distill.chat import render_prompt
+from distill.generation import generate
+from students.build import build_random
+from students.decode import QwenDecoder
+from students.presets import get_preset
+
+
+def _dense(seed=0, scale=0.3, **overrides):
+    model = build_random(get_preset("tiny").override(num_hidden_layers=2, **overrides), seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, scale, generator=g)
+    return model
+
+
+def _prompts(tokenizer, count=5):
+    return [render_prompt(tokenizer, [{"role": "user", "content": "7*" * (i + 1) + f"{i} mod 10"}], "think")
+            for i in range(count)]
+
+
+def test_step_logits_equal_the_transformers_forward(tokenizer):
+    model = _dense()
+    prompts = _prompts(tokenizer)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):   # left padding, prompts of different lengths
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    decoder = QwenDecoder(model)
+    logits = decoder.prefill(ids, mask, max_new_tokens=6)
+    sequence, full_mask = ids, mask
+    for _ in range(6):
+        token = logits.argmax(-1)
+        sequence = torch.cat([sequence, token[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones_like(token)[:, None]], 1)
+        logits = decoder.step(token)
+        with torch.no_grad():
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            reference = model(input_ids=sequence, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+        torch.testing.assert_close(logits, reference, rtol=0, atol=2e-5)
+
+
+def test_greedy_generation_equals_model_generate(tokenizer):
+    model = _dense(seed=1, num_key_value_heads=2)   # grouped-query attention
+    assert QwenDecoder.supports(model)
+    prompts = _prompts(tokenizer, 6)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=16, sampling=None, progress=False)
+    for prompt, generation in zip(prompts, ours):
+        out = model.generate(input_ids=torch.tensor([prompt]), generation_config=GenerationConfig(
+            max_new_tokens=16, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=list(range(len(tokenizer), model.config.vocab_size))))
+        expected = out[0, len(prompt):].tolist()
+        if tokenizer.eos_token_id in expected:
+            expected = expected[:expected.index(tokenizer.eos_token_id) + 1]
+        assert generation.ids == expected
+
+
+def test_moe_models_use_the_transformers_forward(tokenizer):
+    moe = build_random(get_preset("tiny-moe").override(num_hidden_layers=1, hidden_size=32, head_dim=16,
+                                                       moe_intermediate_size=32), seed=0)
+    assert not QwenDecoder.supports(moe)
+    out = generate(moe, tokenizer, _prompts(tokenizer, 2), max_new_tokens=4, sampling=None, progress=False)
+    assert all(len(g.ids) <= 4 for g in out)
