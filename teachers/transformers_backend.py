@@ -50,11 +50,12 @@ class TransformersTeacher:
                 # logits at position t predict token t + 1: response token j comes from p + j - 1.
                 rows += [row] * len(r)
                 columns += range(len(p) - 1, len(p) + len(r) - 1)
-            hidden = self.model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                      use_cache=False).last_hidden_state
+            hidden = self.model.get_decoder()(input_ids=input_ids.to(device),
+                                              attention_mask=attention_mask.to(device), use_cache=False).last_hidden_state
             # Only the response positions go through lm_head and the softmax.
             selected = hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
-            logprobs = torch.log_softmax(self.model.get_output_embeddings()(selected)[:, :self.real_vocab].float(), dim=-1)
+            logits = self.model.get_output_embeddings()(selected)[:, :self.real_vocab]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             targets = torch.tensor([t for _, r in pairs for t in r], device=device)
             chosen = logprobs.gather(-1, targets.clamp(max=self.real_vocab - 1)[:, None])[:, 0]
             values, ids = logprobs.topk(k, dim=-1)
