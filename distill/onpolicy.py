@@ -15,6 +15,7 @@ end: the eos is not a target), or left out with `truncated=drop`.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 
@@ -64,7 +65,7 @@ def onpolicy_batches(student: PreTrainedModel, teacher, tokenizer: PreTrainedTok
     rng = random.Random(seed)
     order: list[int] = []
     turn = 0
-    for step in range(10 ** 12):
+    for step in itertools.count():
         lam = lambda_at(cfg, min(step, steps - 1), steps)
         if offpolicy is not None and rng.random() >= lam:
             batches = next(offpolicy)

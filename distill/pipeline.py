@@ -544,23 +544,41 @@ def eval_sampling(stage):
     return lambda mode: None if stage.greedy else MODE_SAMPLING[mode]
 
 
+def recipe_lines(cfg: Config, name: str) -> list[str]:
+    """How the student was made, for its model card."""
+    stages, student_cfg = cfg.pipeline.stages, cfg.students[name]
+    lines = [f"student init: {student_cfg.init}" + (
+        f" (teacher layers {student_cfg.teacher_layers}"
+        f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
+        if student_cfg.init == "teacher" else "")]
+    if "offpolicy" in stages:
+        off = cfg.pipeline.offpolicy
+        lines += [f"off-policy distillation: the teacher answered {off.prompts} training prompts in both modes "
+                  f"(thinking T 0.6 / top-p 0.95 / top-k 20; non-thinking T 0.7 / top-p 0.8 / top-k 20); "
+                  f"loss {loss_name(cfg.loss)} over its top-{off.top_k} log-probabilities (missing mass: "
+                  f"{cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, temperature "
+                  f"{cfg.loss.temperature}; {student_cfg.steps or off.steps} optimizer steps of "
+                  f"{off.batch_size * off.grad_accum} sequences, AdamW peak lr {student_cfg.lr or off.lr}, "
+                  f"warm-up {off.warmup_steps} then cosine"]
+    if "onpolicy" in stages:
+        on = cfg.pipeline.onpolicy
+        mix = f"lambda {on.mix}" + (f" to {on.mix_end}" if on.mix_end is not None else "")
+        lines += [f"on-policy distillation: the student answered {on.prompts} other prompts in both modes "
+                  f"(sampling T {on.temperature}, top-p {on.top_p}, top-k {on.sample_top_k or 'off'}; at most "
+                  f"{on.max_new_tokens} tokens) and the teacher scored its tokens; loss {loss_name(on.loss)} "
+                  f"({'sampled-token estimator' if on.estimator == 'sampled_token' else f'over its top-{on.top_k}'}), "
+                  f"{mix}; {on.steps} optimizer steps of {on.batch_size * on.grad_accum} rollouts, AdamW peak lr "
+                  f"{on.lr}"]
+    return lines
+
+
 def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer, teacher_name: str,
                     results: dict[str, dict[str, ModeResult]], run_dir: Path) -> Path:
-    stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
     shown = {k: v for k, v in results.items() if k in ("teacher", name)}
     card = model_card(
         name=f"distill-{name}", preset=cfg.students[name].preset, parameters=count_parameters(student).total,
         teacher=teacher_name,
-        recipe=[f"off-policy distillation: the teacher answered {stage.prompts} training prompts in both modes "
-                f"(thinking T 0.6 / top-p 0.95 / top-k 20; non-thinking T 0.7 / top-p 0.8 / top-k 20)",
-                f"loss: {loss_name(cfg.loss)} over the teacher's top-{stage.top_k} log-probabilities "
-                f"(missing mass: {cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, "
-                f"temperature {cfg.loss.temperature}",
-                f"{student_cfg.steps or stage.steps} optimizer steps of {stage.batch_size * stage.grad_accum} sequences, "
-                f"AdamW peak lr {student_cfg.lr or stage.lr}, warm-up {stage.warmup_steps} then cosine",
-                f"student init: {student_cfg.init}" + (f" (teacher layers {student_cfg.teacher_layers}"
-                                                       f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
-                                                       if student_cfg.init == "teacher" else "")],
+        recipe=recipe_lines(cfg, name),
         eval_table=render_markdown(shown, baseline="teacher", level=3, protocol=eval_protocol(cfg))
         if shown else "Not evaluated in this run.",
     )

@@ -77,6 +77,7 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
         assert (generation["temperature"], generation["top_p"], generation["top_k"]) == (0.6, 0.95, 20)
         card = (folder / "README.md").read_text()
         assert f"| {name} | think |" in card and "| teacher | no_think |" in card and "top-p 0.8" in card
+        assert "off-policy distillation" in card and "on-policy distillation" in card and "reverse_kl" in card
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert model.config.model_type == ("qwen3_moe" if name == "moe" else "qwen3")
