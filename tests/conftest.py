@@ -108,21 +108,28 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
 
 # --- tiny saved models for eval tests -------------------------------------------------------
 
-def save_tiny_model(folder, tokenizer, preset="tiny", seed=0):
+def scaled_model(preset="tiny", seed=0, scale=0.5, **overrides):
+    """A small model of `preset` (one layer, width 32 unless overridden) whose matrices are drawn
+    with std `scale`: sharp, prompt-dependent distributions, where a freshly initialised model
+    answers every prompt with the same repeated token. scale=None keeps transformers' init."""
     from students.build import build_random
     from students.presets import get_preset
 
-    """A one-layer model whose weights are scaled up so that greedy replies vary with the prompt
-    (a freshly initialised one answers every prompt with the same repeated token)."""
-    extra = {"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}
-    model = build_random(get_preset(preset).override(num_hidden_layers=1, hidden_size=32, head_dim=16, **extra),
-                         seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim >= 2:
-                parameter.normal_(0.0, 0.5, generator=generator)
-    model.save_pretrained(folder)
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "head_dim": 16,
+             **({"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}), **overrides}
+    model = build_random(get_preset(preset).override(**shape), seed=seed)
+    if scale:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.ndim >= 2:
+                    parameter.normal_(0.0, scale, generator=generator)
+    return model
+
+
+def save_tiny_model(folder, tokenizer, preset="tiny", seed=0):
+    """`scaled_model` saved by save_pretrained with the tokenizer; returns the folder."""
+    scaled_model(preset, seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

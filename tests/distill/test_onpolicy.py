@@ -8,30 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import scaled_model
 from distill.chat import Sampling, render_prompt
 from distill.config import LossConfig, OnPolicyConfig
 from distill.losses import SampledTokenTeacher, reverse_kl, sampled_token_reverse_kl
 from distill.onpolicy import PromptMismatch, lambda_at, onpolicy_batches, rollout_batch
 from distill.train import Schedule, distillation_objective, fit
 from distill.tracking import Tracker
-from students.build import build_random
-from students.presets import get_preset
 from teachers.transformers_backend import TransformersTeacher
 
 REAL = 261
 
 
-def _model(seed, scale=None, preset="tiny"):
-    extra = {"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}
-    model = build_random(get_preset(preset).override(num_hidden_layers=1, hidden_size=32, head_dim=16, **extra),
-                         seed=seed)
-    if scale:  # a sharp, prompt-dependent distribution (a stand-in for a trained teacher)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim >= 2:
-                    p.normal_(0.0, scale, generator=g)
-    return model
+def _model(seed, scale=None):
+    return scaled_model("tiny", seed, scale)
 
 
 class RecordingTeacher(TransformersTeacher):

@@ -4,6 +4,7 @@ same greedy tokens as model.generate, and a fall-back for models it does not cov
 import torch
 from transformers import GenerationConfig
 
+from conftest import scaled_model
 from distill.chat import render_prompt
 from distill.generation import generate
 from students.build import build_random
@@ -11,14 +12,9 @@ from students.decode import QwenDecoder
 from students.presets import get_preset
 
 
-def _dense(seed=0, scale=0.3, **overrides):
-    model = build_random(get_preset("tiny").override(num_hidden_layers=2, **overrides), seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, scale, generator=g)
-    return model
+def _dense(seed=0, **overrides):
+    return scaled_model("tiny", seed, 0.3, num_hidden_layers=2, hidden_size=128, head_dim=32, intermediate_size=256,
+                        **overrides).eval()
 
 
 def _prompts(tokenizer, count=5):
