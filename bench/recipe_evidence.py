@@ -69,7 +69,15 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
     teacher = TransformersTeacher(model.eval(), tokenizer, name=folder.name, progress=False)
     examples = offpolicy_examples(cfg, tokenizer, Path(outputs) / "teacher_outputs", tracker)
     student = build_student(cfg.students["moe"], model, seed=seed)
-    started = time.perf_counter()
+    problems, score = eval_problems(cfg, dataset["test"].select(range(min(args.problems, len(dataset["test"])))))
+
+    def scores(prefix: str = "") -> dict:
+        results = evaluate(TransformersBackend(student, tokenizer, name=arm, progress=False), problems, score,
+                           modes=["think", "no_think"], sampling=eval_sampling(cfg.pipeline.eval), max_new_tokens=128)
+        return {f"{prefix}{mode}/{k}": r.metrics[k] for mode, r in results.items()
+                for k in ("pass@1", "mean_thinking_tokens", "format_errors", "truncated")}
+
+    started, before = time.perf_counter(), {}
     if arm == "sft":
         stage = cfg.pipeline.offpolicy
         batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
@@ -80,16 +88,14 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
     else:
         _fit_offpolicy(cfg, "moe", student, examples, tokenizer, tracker, False)
         if arm == "recipe":
+            pause = time.perf_counter()
+            before = scores("before_onpolicy/")   # the same student at the stage boundary
+            started += time.perf_counter() - pause
             data = StudentData(examples=examples, onpolicy_prompts=onpolicy_prompts(cfg, dataset["train"]))
             _fit_onpolicy(cfg, "moe", student, data, tokenizer, teacher, tracker, False)
     seconds = time.perf_counter() - started
-    problems, score = eval_problems(cfg, dataset["test"].select(range(min(args.problems, len(dataset["test"])))))
-    results = evaluate(TransformersBackend(student, tokenizer, name=arm, progress=False), problems, score,
-                       modes=["think", "no_think"], sampling=eval_sampling(cfg.pipeline.eval), max_new_tokens=128)
     return {"arm": arm, "seed": seed, "updates": args.updates, "onpolicy_steps": args.onpolicy if arm == "recipe" else 0,
-            "train_seconds": round(seconds, 1),
-            **{f"{mode}/{k}": r.metrics[k] for mode, r in results.items()
-               for k in ("pass@1", "mean_thinking_tokens", "format_errors", "truncated")}}
+            "train_seconds": round(seconds, 1), **scores(), **before}
 
 
 def fill_cache(args, outputs: str) -> None:
@@ -116,25 +122,33 @@ def fill_cache(args, outputs: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| arm | think pass@1 | no_think pass@1 | think format errors | train s |", "|---|---|---|---|---|"]
-    for arm in ARMS:
-        mine = [r for r in rows if r["arm"] == arm]
+    """Mean ± standard deviation over seeds, and how many seeds reached 90% in thinking mode
+    (these students learn the task abruptly, so single runs are bimodal)."""
+    lines = ["| arm | seeds | think pass@1 | no_think pass@1 | seeds ≥ 90% think | train s |",
+             "|---|---|---|---|---|---|"]
+    variants = [(arm, arm, "") for arm in ARMS]
+    variants.insert(2, ("recipe", "recipe, at the stage boundary", "before_onpolicy/"))
+    for arm, label, prefix in variants:
+        mine = [r for r in rows if r["arm"] == arm and f"{prefix}think/pass@1" in r]
         if not mine:
             continue
 
-        def stat(key, scale=100.0):
-            values = [scale * r[key] for r in mine]
+        def stat(key):
+            values = [100 * r[f"{prefix}{key}"] for r in mine]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
-        lines.append(f"| {arm} | {stat('think/pass@1')} | {stat('no_think/pass@1')} | "
-                     f"{stat('think/format_errors')} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
-    seeds = sorted({r["seed"] for r in rows})
-    lines.append("")
-    lines.append("Per seed (think / no_think pass@1, %): " + "; ".join(
-        f"{arm} " + ", ".join(f"s{r['seed']} {100 * r['think/pass@1']:.1f}/{100 * r['no_think/pass@1']:.1f}"
-                              for r in sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"]))
-        for arm in ARMS if any(r["arm"] == arm for r in rows)) + f" (seeds {seeds})")
+        solved = sum(r[f"{prefix}think/pass@1"] >= 0.9 for r in mine)
+        seconds = "–" if prefix else f"{statistics.mean(r['train_seconds'] for r in mine):.0f}"
+        lines.append(f"| {label} | {len(mine)} | {stat('think/pass@1')} | {stat('no_think/pass@1')} | "
+                     f"{solved}/{len(mine)} | {seconds} |")
+    lines += ["", "Per seed, think / no_think pass@1 (%):", ""]
+    for arm, label, prefix in variants:
+        mine = sorted((r for r in rows if r["arm"] == arm and f"{prefix}think/pass@1" in r), key=lambda r: r["seed"])
+        if mine:
+            lines.append(f"- {label}: " + ", ".join(
+                f"seed {r['seed']} {100 * r[prefix + 'think/pass@1']:.1f} / {100 * r[prefix + 'no_think/pass@1']:.1f}"
+                for r in mine))
     return "\n".join(lines)
 
 
@@ -154,7 +168,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--work", default="bench_recipe", help="teacher outputs and scratch")
     parser.add_argument("--out", default="bench/results/recipe_evidence.jsonl")
+    parser.add_argument("--table", default=None, help="only print the table of an existing results file")
     args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
+        return
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     fill_cache(args, args.work)
