@@ -53,7 +53,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _decode(model, prompts: list[list[int]], *, eos: int, pad: int, vocab: int, max_new_tokens: int,
-            sampling: Sampling | None, generator: torch.Generator, device) -> list[Generation]:
+            sampling: Sampling | None, generator: torch.Generator, device,
+            lean: bool | None = None) -> list[Generation]:
+    """One batch. `lean`: decode with the lean dense-Qwen3 decoder (None: whenever it supports the model)."""
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -61,7 +63,8 @@ def _decode(model, prompts: list[list[int]], *, eos: int, pad: int, vocab: int, 
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    step = _lean_steps(model, input_ids, attention_mask, max_new_tokens) if QwenDecoder.supports(model) else \
+    lean = QwenDecoder.supports(model) if lean is None else lean
+    step = _lean_steps(model, input_ids, attention_mask, max_new_tokens) if lean else \
         _transformers_steps(model, input_ids, attention_mask)
     out_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
