@@ -127,9 +127,9 @@ def scaled_model(preset="tiny", seed=0, scale=0.5, **overrides):
     return model
 
 
-def save_tiny_model(folder, tokenizer, preset="tiny", seed=0):
+def save_tiny_model(folder, tokenizer, preset="tiny", seed=0, **overrides):
     """`scaled_model` saved by save_pretrained with the tokenizer; returns the folder."""
-    scaled_model(preset, seed).save_pretrained(folder)
+    scaled_model(preset, seed, **overrides).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
