@@ -107,8 +107,8 @@ def run_ours(lam: float, folder: str, steps: int, warmup: int) -> dict:
 
     from distill.chat import render_prompt, render_response
     from distill.config import LossConfig, OnPolicyConfig
-    from distill.data import Example, mode_alternating_batches
-    from distill.onpolicy import onpolicy_batches
+    from distill.data import Example, ModeAlternatingBatches
+    from distill.onpolicy import OnPolicyBatches
     from distill.tracking import Tracker
     from distill.train import Schedule, distillation_objective, fit
     from teachers.transformers_backend import TransformersTeacher
@@ -130,11 +130,11 @@ def run_ours(lam: float, folder: str, steps: int, warmup: int) -> dict:
         replies = [render_response(tokenizer, m[1]["content"], "think") for m in rows[:needed]]
         tops = teacher.top_k_logprobs(prompts, replies, vocab)
         examples = [Example(p, r, t.ids, t.logprobs) for p, r, t in zip(prompts, replies, tops)]
-        offpolicy = mode_alternating_batches({"think": examples}, BATCH, tokenizer.pad_token_id, MAX_LENGTH)
+        offpolicy = ModeAlternatingBatches({"think": examples}, BATCH, tokenizer.pad_token_id, MAX_LENGTH)
         fill_seconds = time.perf_counter() - tick
     # Rollouts in think mode, like TRL's (one template setting for all prompts).
     cfg_modes = [m[:1] for m in rows]
-    batches = onpolicy_batches(student, teacher, tokenizer, cfg_modes, cfg, steps=steps, max_length=MAX_LENGTH,
+    batches = OnPolicyBatches(student, teacher, tokenizer, cfg_modes, cfg, steps=steps, max_length=MAX_LENGTH,
                                offpolicy=offpolicy, seed=0, modes=("think",))
     objective = distillation_objective(cfg.loss, vocab, estimator="full")
     marks = {}

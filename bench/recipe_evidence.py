@@ -43,7 +43,7 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
 
     torch.set_num_threads(1)
     from distill.__main__ import load_config
-    from distill.data import load_chat_dataset, load_tokenizer, mode_alternating_batches
+    from distill.data import load_chat_dataset, load_tokenizer, ModeAlternatingBatches
     from distill.pipeline import (StudentData, _fit_offpolicy, _fit_onpolicy, build_student, eval_problems,
                                   eval_sampling, offpolicy_examples, onpolicy_prompts, tokenizer_name)
     from distill.tracking import Tracker
@@ -80,7 +80,7 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
     started, before = time.perf_counter(), {}
     if arm == "sft":
         stage = cfg.pipeline.offpolicy
-        batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
+        batches = ModeAlternatingBatches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
                                            seed=seed)
         fit(student, batches, cross_entropy_objective(len(tokenizer)),
             Schedule(steps=args.updates, lr=cfg.students["moe"].lr or stage.lr, warmup_steps=stage.warmup_steps),

@@ -91,6 +91,9 @@ class DataConfig:
     answer_column: str = "answer"
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     max_length: int = 256
+    # Unusable rows (malformed turns, a prompt longer than max_length) are skipped and counted
+    # while they are at most this share of a split; above it the run stops.
+    max_malformed: float = 0.01
 
 
 @dataclass
@@ -219,6 +222,11 @@ class Config:
     student_workers: int = 0    # processes training students; 0 = auto (one per student on a CPU)
     logger: Literal["wandb", "none"] = "wandb"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Step checkpoints of every training stage (<run_dir>/checkpoints/steps/), the newest `keep`;
+    # resume=true continues the run in run_dir from its newest checkpoints and finished stages.
+    checkpoint_every: int = 100
+    checkpoint_keep: int = 2
+    resume: bool = False
     # `+student=NAME` on the command line: replaces the default `students` with this one.
     student: StudentConfig | None = None
 
@@ -276,6 +284,8 @@ def validate(raw: dict) -> Config:
             if student.init == "teacher":
                 raise ConfigError(f"students.{name}.init=teacher needs the teacher in process; with teacher.serve=vllm "
                                   "only its server is used: start the student from random init or a checkpoint")
+    if config.resume and not config.run_dir:
+        raise ConfigError("resume=true continues a run: give its folder with run_dir=PATH")
     onpolicy = config.pipeline.onpolicy
     for name, value in (("mix", onpolicy.mix), ("mix_end", onpolicy.mix_end)):
         if value is not None and not 0.0 <= value <= 1.0:
@@ -314,6 +324,8 @@ def _check_positive(config: Config) -> None:
         "pipeline.onpolicy.top_k": config.pipeline.onpolicy.top_k,
         "pipeline.onpolicy.max_new_tokens": config.pipeline.onpolicy.max_new_tokens,
         "pipeline.eval.problems": config.pipeline.eval.problems,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoint_keep": config.checkpoint_keep,
         "pipeline.eval.samples": config.pipeline.eval.samples,
         "pipeline.eval.periodic_problems": config.pipeline.eval.periodic_problems,
         "pipeline.eval.every": config.pipeline.eval.every + 1,  # 0 means off

@@ -51,7 +51,55 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
     for split in loaded:
         if len(loaded[split]) == 0:
             raise ConfigError(f"dataset '{cfg.source}' split '{split}' is empty")
+    if cfg.source != BUILTIN_ARITHMETIC:
+        loaded = datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'",
+                                                             malformed_reason, cfg.max_malformed)
+                                       for split, rows in loaded.items()})
     return loaded
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def malformed_reason(row: dict) -> str | None:
+    """Why a chat row cannot be used (None: it can): turns must be {role, content} mappings with a
+    known role and text content, with a user turn to answer."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages is not a non-empty list of turns"
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            return f"a turn is not {{role: system|user|assistant, content: text}}: {str(turn)[:60]}"
+    if not any(turn["role"] == "user" for turn in messages):
+        return "no user turn"
+    return None
+
+
+def drop_malformed(rows: datasets.Dataset, what: str, reason, threshold: float) -> datasets.Dataset:
+    """Skip the rows `reason(row)` refuses, saying how many, while they are at most `threshold` of
+    the rows; above it, stop with one line naming the first bad row and why."""
+    reasons = [reason(row) for row in rows]
+    bad = [i for i, r in enumerate(reasons) if r is not None]
+    if not bad:
+        return rows
+    if len(bad) > threshold * len(rows):
+        raise ConfigError(f"{what}: {len(bad)} of {len(rows)} rows are unusable (row {bad[0]}: {reasons[bad[0]]}); "
+                          f"fix them, or allow up to a share of them with data.max_malformed (now {threshold})")
+    print(f"warning: {what}: skipped {len(bad)} of {len(rows)} unusable rows (row {bad[0]}: {reasons[bad[0]]})")
+    keep = set(range(len(rows))) - set(bad)
+    return rows.select(sorted(keep))
+
+
+def drop_long_prompts(loaded: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                      render) -> datasets.DatasetDict:
+    """Rows whose prompt leaves no room for a reply within data.max_length, counted and skipped
+    like malformed rows (render(tokenizer, messages, mode) gives the prompt ids)."""
+    def too_long(row):
+        length = len(render(tokenizer, prompt_messages(row["messages"]), "think"))
+        return None if length < cfg.max_length - 1 else (f"its prompt is {length} tokens, data.max_length is "
+                                                           f"{cfg.max_length}; raise data.max_length")
+    return datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'", too_long,
+                                                       cfg.max_malformed) for split, rows in loaded.items()})
 
 
 def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDict:
@@ -188,29 +236,59 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
                       dict(stats or {}))
 
 
-def mode_alternating_batches(examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
-                             micro_batches: int = 1, seed: int = 0):
+class ModeAlternatingBatches:
     """Endless optimizer steps, each a list of `micro_batches` batches, alternating the modes.
 
     One mode per micro-batch keeps padding low: no_think replies are a few tokens, think
     replies tens. Each mode's examples are reshuffled every epoch; a mode with no examples is
-    skipped.
+    skipped. Resumable: `state_dict()` after step n, loaded into a fresh instance, yields
+    exactly what step n + 1 onwards would have. Data-parallel: every rank draws the same batch and
+    keeps rows rank, rank + world, ...
     """
-    rng = random.Random(seed)
-    modes = [mode for mode in examples if examples[mode]]
-    if not modes:
-        raise ValueError("no training examples in any mode")
-    orders: dict[str, list[int]] = {mode: [] for mode in modes}
-    turn = 0
-    while True:
+
+    def __init__(self, examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
+                 micro_batches: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        self.examples, self.batch_size, self.pad_id, self.max_length = examples, batch_size, pad_id, max_length
+        self.micro_batches = micro_batches
+        self.rng = random.Random(seed)
+        self.modes = [mode for mode in examples if examples[mode]]
+        if not self.modes:
+            raise ValueError("no training examples in any mode")
+        self.orders: dict[str, list[int]] = {mode: [] for mode in self.modes}
+        self.turn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[TokenBatch]:
         step = []
-        for _ in range(micro_batches):
-            mode = modes[turn % len(modes)]
-            turn += 1
-            while len(orders[mode]) < batch_size:
-                order = list(range(len(examples[mode])))
-                rng.shuffle(order)
-                orders[mode].extend(order)
-            chosen, orders[mode] = orders[mode][:batch_size], orders[mode][batch_size:]
-            step.append(collate([examples[mode][i] for i in chosen], pad_id, max_length, mode))
-        yield step
+        for _ in range(self.micro_batches):
+            mode = self.modes[self.turn % len(self.modes)]
+            self.turn += 1
+            while len(self.orders[mode]) < self.batch_size:
+                order = list(range(len(self.examples[mode])))
+                self.rng.shuffle(order)
+                self.orders[mode].extend(order)
+            chosen, self.orders[mode] = self.orders[mode][:self.batch_size], self.orders[mode][self.batch_size:]
+            mine = chosen[self.rank::self.world]
+            step.append(collate([self.examples[mode][i] for i in mine], self.pad_id, self.max_length, mode))
+        return step
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.rng), "orders": self.orders, "turn": self.turn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(rng_from_state(state["rng"]))
+        self.orders, self.turn = {m: list(v) for m, v in state["orders"].items()}, state["turn"]
+
+
+def rng_state(rng: random.Random) -> list:
+    """A `random.Random` state as JSON-able lists."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def rng_from_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

@@ -15,15 +15,13 @@ end: the eos is not a target), or left out with `truncated=drop`.
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Iterator
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODES, Sampling, render_prompt
 from distill.config import OnPolicyConfig
-from distill.data import Example, TokenBatch, collate
+from distill.data import Example, TokenBatch, collate, rng_from_state, rng_state
 from distill.generation import generate
 
 
@@ -50,44 +48,70 @@ def check_same_prompts(student_tokenizer: PreTrainedTokenizerBase, teacher_token
                                      f"{len(ours)} tokens): they must share one tokenizer and chat template")
 
 
-def onpolicy_batches(student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase,
-                     prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
-                     offpolicy: Iterator[list[TokenBatch]] | None = None, seed: int = 0,
-                     generation_batch_size: int = 256, modes: tuple[str, ...] = MODES) -> Iterator[list[TokenBatch]]:
+class OnPolicyBatches:
     """Endless optimizer steps for `fit`: each a list of `cfg.grad_accum` micro-batches.
 
     Rollouts are drawn from the student as it is when the step begins, so every on-policy batch
     is from the current policy. `offpolicy` supplies the steps that lambda leaves off-policy.
+    Resumable like `ModeAlternatingBatches` (`state_dict` / `load_state_dict`): rollout seeds
+    derive from the step, so a resumed stage samples what the uninterrupted one would have.
     """
-    check_same_prompts(tokenizer, teacher.tokenizer, {mode: prompts for mode in modes})
-    rendered = {mode: [render_prompt(tokenizer, messages, mode) for messages in prompts] for mode in modes}
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.sample_top_k)
-    rng = random.Random(seed)
-    order: list[int] = []
-    turn = 0
-    for step in itertools.count():
-        lam = lambda_at(cfg, min(step, steps - 1), steps)
-        if offpolicy is not None and rng.random() >= lam:
-            batches = next(offpolicy)
+
+    def __init__(self, student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase,
+                 prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
+                 offpolicy=None, seed: int = 0, generation_batch_size: int = 256, modes: tuple[str, ...] = MODES,
+                 rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        check_same_prompts(tokenizer, teacher.tokenizer, {mode: prompts for mode in modes})
+        self.student, self.teacher, self.tokenizer, self.cfg = student, teacher, tokenizer, cfg
+        self.steps, self.max_length, self.offpolicy, self.seed = steps, max_length, offpolicy, seed
+        self.generation_batch_size, self.modes, self.size = generation_batch_size, modes, len(prompts)
+        self.rendered = {mode: [render_prompt(tokenizer, messages, mode) for messages in prompts] for mode in modes}
+        self.sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.sample_top_k)
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.turn = self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[TokenBatch]:
+        step, cfg = self.step, self.cfg
+        self.step += 1
+        lam = lambda_at(cfg, min(step, self.steps - 1), self.steps)
+        if self.offpolicy is not None and self.rng.random() >= lam:
+            batches = next(self.offpolicy)
             for batch in batches:
                 batch.stats.update({"onpolicy": 0.0, "lambda": lam})
-            yield batches
-            continue
+            return batches
         micro = []
         for _ in range(cfg.grad_accum):
-            mode = modes[turn % len(modes)]
-            turn += 1
-            while len(order) < cfg.batch_size:
-                epoch = list(range(len(prompts)))
-                rng.shuffle(epoch)
-                order.extend(epoch)
-            chosen, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            micro.append(rollout_batch(student, teacher, tokenizer, [rendered[mode][i] for i in chosen], mode, cfg,
-                                       sampling=sampling, seed=seed * 1_000_003 + step * 7919 + turn,
-                                       max_length=max_length, generation_batch_size=generation_batch_size))
+            mode = self.modes[self.turn % len(self.modes)]
+            self.turn += 1
+            while len(self.order) < cfg.batch_size:
+                epoch = list(range(self.size))
+                self.rng.shuffle(epoch)
+                self.order.extend(epoch)
+            chosen, self.order = self.order[:cfg.batch_size], self.order[cfg.batch_size:]
+            # Data-parallel: this rank's share of the prompts, sampled with its own seed.
+            seed = self.seed * 1_000_003 + step * 7919 + self.turn + self.rank * 104_729
+            micro.append(rollout_batch(self.student, self.teacher, self.tokenizer,
+                                       [self.rendered[mode][i] for i in chosen[self.rank::self.world]], mode, cfg,
+                                       sampling=self.sampling, seed=seed, max_length=self.max_length,
+                                       generation_batch_size=self.generation_batch_size))
         for batch in micro:
             batch.stats["lambda"] = lam
-        yield micro
+        return micro
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.rng), "order": self.order, "turn": self.turn, "step": self.step,
+                "offpolicy": self.offpolicy.state_dict() if self.offpolicy is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(rng_from_state(state["rng"]))
+        self.order, self.turn, self.step = list(state["order"]), state["turn"], state["step"]
+        if self.offpolicy is not None:
+            self.offpolicy.load_state_dict(state["offpolicy"])
 
 
 def rollout_batch(student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],

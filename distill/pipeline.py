@@ -8,26 +8,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODE_SAMPLING, MODES, render_prompt
+from distill.checkpoint import StepCheckpoints
 from distill.config import Config, ConfigError, StudentConfig
-from distill.data import (BUILTIN_ARITHMETIC, Example, load_chat_dataset, load_tokenizer, mode_alternating_batches,
-                          prompt_messages)
+from distill.data import (BUILTIN_ARITHMETIC, Example, ModeAlternatingBatches, drop_long_prompts, load_chat_dataset,
+                          load_tokenizer, prompt_messages)
+from distill.distributed import Processes, processes
+from distill.files import atomic_write_text
 from distill.losses.token_loss import PARAMETER
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
-from distill.files import atomic_write_text
+from distill.onpolicy import OnPolicyBatches
 from distill.plots import loss_curves
-from distill.onpolicy import onpolicy_batches
-from distill.release import model_card, save_model_folder, write_release
+from distill.release import CHECKSUMS, model_card, save_model_folder, write_release
 from distill.tracking import Tracker
-from distill.train import Schedule, distillation_objective, fit
+from distill.train import DataParallel, Schedule, distillation_objective, fit
 from eval.backends import TransformersBackend
 from eval.harness import ModeResult, Scorer, evaluate
 from eval.report import render_markdown, write_eval_outputs
@@ -55,22 +58,36 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    proc = processes(device)
+    if proc.world > 1 and not cfg.run_dir:
+        raise ConfigError("a data-parallel run (accelerate launch / torchrun) needs run_dir=PATH, one folder for all "
+                          "its processes")
     cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
     tokenizer = load_tokenizer(tokenizer_name(cfg))
     check_vocabularies_and_memory(cfg, tokenizer, device)  # before anything is allocated or written
-    run_dir = prepare_run_dir(cfg.run_dir)
+    run_dir = prepare_run_dir(cfg.run_dir, output_bytes(cfg))
 
     summary = RunSummary(run_dir=run_dir)
+    # The main process keeps the run's log (and W&B); the others log nothing of their own.
     tracker = Tracker(run_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
-                      entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=run_dir.name)
+                      entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=run_dir.name) if proc.main else \
+        Tracker(run_dir, metrics_file=None)
     cleanup: list = []  # what to stop when the run ends (a vLLM server started for it)
     try:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if proc.main:
+            atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
         dataset = load_chat_dataset(cfg.data, cache_dir)
+        if cfg.data.source != BUILTIN_ARITHMETIC:
+            dataset = drop_long_prompts(dataset, tokenizer, cfg.data, render_prompt)
 
         tick = time.perf_counter()
+        # The main process trains (or loads) the teacher first; the others then find it cached.
+        if not proc.main:
+            proc.barrier()
         teacher_model, teacher_folder, teacher_name, summary.teacher_reused = build_teacher(
             cfg, tokenizer, dataset, cache_dir, tracker, progress)
+        if proc.main:
+            proc.barrier()
         if teacher_model is not None and getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model.to(device)  # a quantized or device-mapped teacher stays where it was placed
         if cfg.teacher.serve == "vllm":
@@ -84,6 +101,11 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         students: dict[str, PreTrainedModel] = {}
         if {"teacher_outputs", "offpolicy"} & set(cfg.pipeline.stages):
             tick = time.perf_counter()
+            if proc.world > 1:   # each process fills its share of the shards
+                shares = replace(cfg, pipeline=replace(cfg.pipeline, offpolicy=replace(
+                    cfg.pipeline.offpolicy, worker=proc.rank, workers=proc.world)))
+                fill_teacher_outputs(shares, teacher, dataset["train"], tracker, run_dir, progress)
+                proc.barrier()
             summary.teacher_outputs = fill_teacher_outputs(cfg, teacher, dataset["train"], tracker, run_dir, progress)
             summary.seconds["teacher_outputs"] = time.perf_counter() - tick
         if {"offpolicy", "onpolicy"} & set(cfg.pipeline.stages):
@@ -93,7 +115,7 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
                 onpolicy_prompts=onpolicy_prompts(cfg, dataset["train"]) if "onpolicy" in cfg.pipeline.stages else None,
                 validation=validation_problems(cfg, dataset["validation"]))
             tick = time.perf_counter()
-            workers = student_workers(cfg, device)
+            workers = 1 if proc.world > 1 else student_workers(cfg, device)
             students = {name: build_student(student_cfg, teacher_model, seed=cfg.seed + index).to(device)
                         for index, (name, student_cfg) in enumerate(cfg.students.items())}
             if workers > 1:
@@ -101,9 +123,13 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
                                                      progress, teacher_source(cfg, teacher, teacher_folder))
             else:
                 for name, student in students.items():
-                    train_student(cfg, name, student, data, tokenizer, lambda: teacher, tracker, run_dir, progress)
+                    train_student(cfg, name, student, data, tokenizer, lambda: teacher, tracker, run_dir, progress,
+                                  proc=proc)
             summary.seconds["train_students"] = time.perf_counter() - tick
 
+        if not proc.main:   # eval, release and the run's files are the main process's
+            proc.barrier()
+            return summary
         if "eval" in cfg.pipeline.stages:
             tick = time.perf_counter()
             # A teacher that lives only behind its server is evaluated by `python -m eval` instead.
@@ -126,6 +152,7 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             tracker.log_image("train/loss_curves", curves)
         summary.seconds["total"] = time.perf_counter() - started
         tracker.log({"perf/total_seconds": summary.seconds["total"]})
+        proc.barrier()
     finally:
         for stop in cleanup:
             stop()
@@ -143,8 +170,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(requested: str | None) -> Path:
-    """Create the run directory and prove it is writable before any work starts."""
+def prepare_run_dir(requested: str | None, needed_bytes: int = 0) -> Path:
+    """Create the run directory and prove it is writable, with room for what the run will write,
+    before any work starts."""
     run_dir = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +181,24 @@ def prepare_run_dir(requested: str | None) -> Path:
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"run_dir '{run_dir}' is not writable ({error.strerror}); set run_dir=PATH") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise ConfigError(f"run_dir '{run_dir}' has {free / 2 ** 30:.2f} GiB free but the run writes about "
+                          f"{needed_bytes / 2 ** 30:.2f} GiB (checkpoints, teacher outputs, releases): free space, "
+                          "lower checkpoint_keep, or set run_dir=PATH on a larger disk")
     return run_dir
+
+
+def output_bytes(cfg: Config) -> int:
+    """About what a run writes: per student its step checkpoints (weights + AdamW state), stage
+    folders and release; the teacher's outputs (top-k per response token)."""
+    total = 0
+    for student in cfg.students.values():
+        weights = 4 * count_parameters(build_random(student.architecture, device="meta")).total
+        total += weights * 3 * cfg.checkpoint_keep * 2 + weights * 3
+    off = cfg.pipeline.offpolicy
+    total += 2 * off.prompts * off.max_new_tokens * (8 * off.top_k + 16)
+    return total
 
 
 def tokenizer_name(cfg: Config) -> str:
@@ -352,50 +397,78 @@ def validation_problems(cfg: Config, split) -> list[Problem] | None:
 
 
 def train_student(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, make_teacher,
-                  tracker: Tracker, run_dir: Path, progress: bool, position: int = 0) -> list[dict]:
+                  tracker: Tracker, run_dir: Path, progress: bool, position: int = 0,
+                  proc: Processes = Processes()) -> list[dict]:
     """The student's training stages in order: off-policy, a checkpoint, on-policy. Returns the
-    logged records. `make_teacher()` gives the teacher that scores on-policy rollouts."""
+    logged records. `make_teacher()` gives the teacher that scores on-policy rollouts.
+
+    Each finished stage leaves the student in `<run_dir>/checkpoints/<stage>/<name>/`
+    (save_pretrained); with `resume`, a finished stage is loaded from there instead of trained,
+    and an unfinished one continues from its newest step checkpoint."""
     records = []
-    if data.examples is not None:
-        records += _fit_offpolicy(cfg, name, student, data.examples, tokenizer, tracker, progress, position,
-                                  data.validation)
-    if data.onpolicy_prompts is not None:
-        if data.examples is not None:
-            # The stage boundary of the recipe: the off-policy student, loadable on its own.
-            save_model_folder(run_dir / "checkpoints" / "offpolicy" / name, student, tokenizer)
-        records += _fit_onpolicy(cfg, name, student, data, tokenizer, make_teacher(), tracker, progress, position)
+    for stage in ("offpolicy", "onpolicy"):
+        if (stage == "offpolicy" and data.examples is None) or (stage == "onpolicy" and data.onpolicy_prompts is None):
+            continue
+        finished = run_dir / "checkpoints" / stage / name
+        if cfg.resume and (finished / CHECKSUMS).exists():
+            student.load_state_dict(AutoModelForCausalLM.from_pretrained(finished, dtype=torch.float32).state_dict())
+            continue
+        steps = StepCheckpoints(run_dir / "checkpoints" / "steps" / stage / name, cfg.checkpoint_every,
+                                cfg.checkpoint_keep, writer=proc.main)
+        if stage == "offpolicy":
+            records += _fit_offpolicy(cfg, name, student, data.examples, tokenizer, tracker, progress, position,
+                                      data.validation, steps, proc)
+        else:
+            records += _fit_onpolicy(cfg, name, student, data, tokenizer, make_teacher(), tracker, progress, position,
+                                     steps, proc)
+        if not proc.in_sync(student):
+            raise RuntimeError(f"{name}: the processes' parameters differ after the {stage} stage")
+        if proc.world > 1:
+            tracker.log({f"train/{name}/ranks_in_sync": 1, f"train/{name}/ranks": proc.world})
+        # The stage boundary of the recipe: the student, loadable on its own.
+        if proc.main:
+            save_model_folder(finished, student, tokenizer)
     return records
 
 
 def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: dict[str, list[Example]], tokenizer,
-                   tracker: Tracker, progress: bool, position: int = 0,
-                   validation: list[Problem] | None = None) -> list[dict]:
+                   tracker: Tracker, progress: bool, position: int = 0, validation: list[Problem] | None = None,
+                   checkpoints: StepCheckpoints | None = None, proc: Processes = Processes()) -> list[dict]:
     stage, student_cfg = cfg.pipeline.offpolicy, cfg.students[name]
     schedule = Schedule(steps=student_cfg.steps or stage.steps, lr=student_cfg.lr or stage.lr,
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm)
-    batches = mode_alternating_batches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
-                                       micro_batches=stage.grad_accum, seed=stage.seed)
+    batches = ModeAlternatingBatches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
+                                     micro_batches=stage.grad_accum, seed=stage.seed, rank=proc.rank, world=proc.world)
     return fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
                prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, name, tokenizer, validation))
+               periodic=_periodic(cfg, name, tokenizer, validation), checkpoints=checkpoints, resume=cfg.resume,
+               data_parallel=data_parallel(proc))
 
 
 def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, teacher,
-                  tracker: Tracker, progress: bool, position: int = 0) -> list[dict]:
+                  tracker: Tracker, progress: bool, position: int = 0,
+                  checkpoints: StepCheckpoints | None = None, proc: Processes = Processes()) -> list[dict]:
     stage = cfg.pipeline.onpolicy
     schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
                         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
     offpolicy = None
     if data.examples is not None and (stage.mix < 1 or (stage.mix_end is not None and stage.mix_end < 1)):
-        offpolicy = mode_alternating_batches(data.examples, stage.batch_size, tokenizer.pad_token_id,
-                                             cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1)
-    batches = onpolicy_batches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
-                               max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed)
+        offpolicy = ModeAlternatingBatches(data.examples, stage.batch_size, tokenizer.pad_token_id,
+                                           cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1,
+                                           rank=proc.rank, world=proc.world)
+    batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
+                              max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed, rank=proc.rank,
+                              world=proc.world)
     objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
     return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
                desc=f"on-policy {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation))
+               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation), checkpoints=checkpoints,
+               resume=cfg.resume, data_parallel=data_parallel(proc))
+
+
+def data_parallel(proc: Processes) -> DataParallel:
+    return DataParallel(world_size=proc.world, total=proc.total, average_gradients=proc.average_gradients)
 
 
 def _periodic(cfg: Config, name: str, tokenizer, validation: list[Problem] | None):

@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from distill import losses
+from distill.checkpoint import StepCheckpoints
 from distill.config import LossConfig
 from distill.data import TokenBatch
+from distill.errors import UserError
 from distill.tracking import Tracker
 
 Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
@@ -54,6 +56,9 @@ class DataParallel:
 
     world_size: int = 1
     total: Callable[[int], int] = int
+    # Averages the gradients over the ranks before the update (DDP does it inside backward;
+    # distill/distributed.py does it here): a no-op in one process.
+    average_gradients: Callable[[torch.nn.Module], None] = lambda model: None
 
 
 SINGLE_PROCESS = DataParallel()
@@ -62,12 +67,15 @@ SINGLE_PROCESS = DataParallel()
 def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: Objective, schedule: Schedule, *,
         tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
         position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS,
-        periodic: tuple[int, Callable[[PreTrainedModel], dict]] | None = None) -> list[dict]:
+        periodic: tuple[int, Callable[[PreTrainedModel], dict]] | None = None,
+        checkpoints: StepCheckpoints | None = None, resume: bool = False) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
     micro-batches of one step (this rank's share of it). Returns the logged records.
 
     `periodic=(every, evaluate)` calls `evaluate(model)` every `every` steps (and after the last)
-    and logs the metrics it returns against this stage's step."""
+    and logs the metrics it returns against this stage's step. `checkpoints` saves the training
+    state every `checkpoints.every` steps (`batches` must then have `state_dict`); with `resume`,
+    training continues from the newest one, ending bitwise where an uninterrupted run would."""
     device = next(model.parameters()).device
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
@@ -80,8 +88,16 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
     records, started = [], time.perf_counter()
     # Metric sums and how many micro-batches reported each (a per-mode metric appears only in
     # that mode's micro-batches).
-    tokens_seen, sums, counts, skipped = 0, {}, {}, 0
-    bar = tqdm(range(schedule.steps), desc=desc, disable=not progress, position=position)
+    tokens_seen, sums, counts, skipped, start = 0, {}, {}, 0, 0
+    if checkpoints is not None and resume:
+        state = checkpoints.restore(model, optimizer)
+        if state is not None:
+            start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped"]
+            sums, counts, records = state["sums"], state["counts"], state["records"]
+            batches.load_state_dict(state["batches"])
+            model.train()
+    bar = tqdm(range(start, schedule.steps), desc=desc, disable=not progress, position=position, initial=start,
+               total=schedule.steps)
     for step in bar:
         micro_batches = next(batches)
         step_tokens = data_parallel.total(sum(b.num_targets for b in micro_batches))
@@ -93,15 +109,21 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             metrics = dict(micro.stats)
             if step_tokens:  # a step with no target token at all (every rollout dropped) changes nothing
                 loss, computed = objective(model, _to(micro, device), normaliser)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"{desc}: the loss is {float(loss.detach())} at step {step + 1} ({micro.mode or 'mixed'}"
+                                           f" micro-batch); {_last_good(checkpoints)}")
                 loss.backward()
                 metrics.update(computed)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         if step_tokens:
+            data_parallel.average_gradients(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step}; lower the learning rate")
+                bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+                raise TrainingDiverged(f"{desc}: non-finite gradients at step {step + 1} (in {', '.join(bad[:3])}"
+                                       f"{' and more' if len(bad) > 3 else ''}); {_last_good(checkpoints)}")
             optimizer.step()
             tokens_seen += step_tokens
         else:
@@ -124,8 +146,22 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             model.train()
             tracker.log(record)
             records.append(record)
+        if checkpoints is not None and checkpoints.due(step + 1, schedule.steps):
+            checkpoints.save(step + 1, model, optimizer, {
+                "batches": batches.state_dict(), "tokens_seen": tokens_seen, "skipped": skipped, "sums": sums,
+                "counts": counts, "records": records})
     model.eval()
     return records
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss or a gradient stopped being finite; the message names the step and the way back."""
+
+
+def _last_good(checkpoints: StepCheckpoints | None) -> str:
+    latest = checkpoints.latest() if checkpoints is not None else None
+    where = f"the last good checkpoint is {latest}" if latest else "no step checkpoint was written yet"
+    return f"stopped there, nothing after it was saved; {where}: lower the learning rate and resume (resume=true)"
 
 
 def _model_name(prefix: str) -> str:

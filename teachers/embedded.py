@@ -20,8 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.chat import MODES, render_prompt, render_response
+from distill.checkpoint import StepCheckpoints
 from distill.config import DataConfig, TeacherConfig
-from distill.data import Example, mode_alternating_batches, prompt_messages, reference_reply
+from distill.data import Example, ModeAlternatingBatches, prompt_messages, reference_reply
 from distill.tracking import Tracker
 from distill.train import Schedule, cross_entropy_objective, fit
 from students.build import build_random
@@ -58,7 +59,10 @@ def load_or_train(cfg: TeacherConfig, data_cfg: DataConfig, tokenizer: PreTraine
     if (folder / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         return model.eval(), folder, True
-    model = train_teacher(cfg, data_cfg, tokenizer, train_split, tracker, progress=progress)
+    # Step checkpoints beside the cache entry: a killed bootstrap continues where it was (the
+    # entry's name is the hash of everything that shapes the teacher, so any checkpoint there fits).
+    steps = StepCheckpoints(folder.parent / f".{folder.name}.steps", every=200, keep=1)
+    model = train_teacher(cfg, data_cfg, tokenizer, train_split, tracker, progress=progress, checkpoints=steps)
     staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
@@ -70,11 +74,13 @@ def load_or_train(cfg: TeacherConfig, data_cfg: DataConfig, tokenizer: PreTraine
         os.replace(staging, folder)  # atomic: a crash never leaves a half-trained cache entry
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another run cached the same teacher first
+    shutil.rmtree(steps.folder, ignore_errors=True)
     return model.eval(), folder, False
 
 
 def train_teacher(cfg: TeacherConfig, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                  train_split: datasets.Dataset, tracker: Tracker, *, progress: bool = True) -> PreTrainedModel:
+                  train_split: datasets.Dataset, tracker: Tracker, *, progress: bool = True,
+                  checkpoints: StepCheckpoints | None = None) -> PreTrainedModel:
     model = build_random(teacher_architecture(cfg), seed=cfg.bootstrap.seed)
     boot = cfg.bootstrap
     examples = {mode: [] for mode in MODES}
@@ -85,8 +91,8 @@ def train_teacher(cfg: TeacherConfig, data_cfg: DataConfig, tokenizer: PreTraine
             examples[mode].append(Example(prompt=render_prompt(tokenizer, prompt, mode),
                                           response=render_response(tokenizer, reply, mode)))
     schedule = Schedule(steps=boot.steps, lr=boot.lr, warmup_steps=boot.warmup_steps)
-    batches = mode_alternating_batches(examples, boot.batch_size, tokenizer.pad_token_id, data_cfg.max_length,
-                                       micro_batches=1, seed=boot.seed)
+    batches = ModeAlternatingBatches(examples, boot.batch_size, tokenizer.pad_token_id, data_cfg.max_length,
+                                     micro_batches=1, seed=boot.seed)
     fit(model, batches, cross_entropy_objective(len(tokenizer)), schedule, tracker=tracker, prefix="teacher/bootstrap",
-        desc="teacher bootstrap", progress=progress)
+        desc="teacher bootstrap", progress=progress, checkpoints=checkpoints, resume=checkpoints is not None)
     return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError, DataConfig
-from distill.data import Example, collate, load_chat_dataset, mode_alternating_batches, prompt_messages
+from distill.data import Example, collate, load_chat_dataset, ModeAlternatingBatches, prompt_messages
 
 
 def test_prompt_tokens_never_count_and_the_final_eos_always_does():
@@ -36,7 +36,7 @@ def test_truncation_keeps_the_prompt_and_cuts_the_response():
 
 def test_batches_alternate_modes_and_cover_every_example():
     examples = {"think": [Example([1], [2, 3, 4]) for _ in range(6)], "no_think": [Example([1], [9]) for _ in range(6)]}
-    stream = mode_alternating_batches(examples, batch_size=3, pad_id=0, max_length=16, micro_batches=2)
+    stream = ModeAlternatingBatches(examples, batch_size=3, pad_id=0, max_length=16, micro_batches=2)
     steps = [next(stream) for _ in range(3)]
     widths = [[mb.input_ids.shape[1] for mb in step] for step in steps]
     assert widths == [[4, 2], [4, 2], [4, 2]]

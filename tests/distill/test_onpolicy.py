@@ -12,7 +12,7 @@ from conftest import scaled_model
 from distill.chat import Sampling, render_prompt
 from distill.config import LossConfig, OnPolicyConfig
 from distill.losses import SampledTokenTeacher, reverse_kl, sampled_token_reverse_kl
-from distill.onpolicy import PromptMismatch, lambda_at, onpolicy_batches, rollout_batch
+from distill.onpolicy import OnPolicyBatches, PromptMismatch, lambda_at, rollout_batch
 from distill.train import Schedule, distillation_objective, fit
 from distill.tracking import Tracker
 from teachers.transformers_backend import TransformersTeacher
@@ -84,9 +84,8 @@ def test_teacher_and_student_must_render_the_same_prompt_tokens(tokenizer, forei
     student = _model(0)
     teacher = TransformersTeacher(_model(1), foreign_tokenizer, name="t", progress=False)
     foreign_tokenizer.chat_template = tokenizer.chat_template
-    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, OnPolicyConfig(), steps=1, max_length=256)
     with pytest.raises(PromptMismatch, match="render a think prompt differently"):
-        next(batches)
+        OnPolicyBatches(student, teacher, tokenizer, PROMPTS, OnPolicyConfig(), steps=1, max_length=256)
 
 
 def test_lambda_schedule_and_mixing():
@@ -110,7 +109,7 @@ def test_mixing_takes_offpolicy_steps_with_probability_one_minus_lambda(tokenize
 
     student, teacher = _model(0), TransformersTeacher(_model(1), tokenizer, name="t", progress=False)
     cfg = OnPolicyConfig(mix=0.25, batch_size=2, max_new_tokens=2, top_k=2)
-    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, cfg, steps=200, max_length=64,
+    batches = OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=200, max_length=64,
                                offpolicy=Offpolicy(), seed=1)
     kinds = [next(batches)[0].stats["onpolicy"] for _ in range(200)]
     assert 0.15 < sum(kinds) / len(kinds) < 0.35
@@ -168,7 +167,7 @@ def test_onpolicy_training_moves_the_student_towards_the_teacher_on_its_own_samp
     teacher = TransformersTeacher(teacher_model, tokenizer, name="t", progress=False)
     before = _reverse_kl_on_own_samples(student, teacher, tokenizer, seed=100)
     cfg = OnPolicyConfig(batch_size=8, max_new_tokens=10, top_k=REAL, estimator=estimator, lr=lr)
-    batches = onpolicy_batches(student, teacher, tokenizer, PROMPTS, cfg, steps=40, max_length=256, seed=0)
+    batches = OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=40, max_length=256, seed=0)
     objective = distillation_objective(LossConfig(divergence="reverse_kl"), REAL, estimator=estimator)
     fit(student, batches, objective, Schedule(steps=40, lr=lr, warmup_steps=2), tracker=Tracker(Path("."), metrics_file=None),
         prefix="train/s/onpolicy", desc="test", progress=False)
