@@ -32,7 +32,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return build_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(name)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load tokenizer '{name}' ({str(error).splitlines()[0]}); give a local folder "
                           "saved by save_pretrained, or a hub name with network access") from None
 
@@ -108,7 +108,14 @@ def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDic
     if suffix in (".jsonl", ".json", ".parquet"):
         if not path.exists():
             raise ConfigError(f"data.source file '{source}' does not exist")
-        loaded = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path))
+        if path.stat().st_size == 0:
+            raise ConfigError(f"dataset '{source}' is empty: give a file with one chat row per line")
+        try:
+            loaded = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path))
+        except Exception as error:  # noqa: BLE001 - malformed JSON/Parquet surfaces as many types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"cannot read dataset '{source}' ({first}): give JSON lines (one chat row per line) or "
+                              "a Parquet file") from None
     else:
         try:
             loaded = datasets.load_dataset(source)

@@ -219,7 +219,7 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
     else:
         try:
             teacher_config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # no such folder or hub name; a folder with no model config
             raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({str(error).splitlines()[0]}); give a "
                               "local folder saved by save_pretrained, or a hub name with network access") from None
         with torch.device("meta"):
