@@ -52,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
 
             from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(asdict(config)), end="")
+            from eval.tasks import load_task
+
+            # The task's own defaults filled in, so the printed config is what will run.
+            task = load_task(config.task.name)
+            shown = asdict(config)
+            shown["task"].update(source=asdict(config.task.resolved_source(task)),
+                                 samples=config.task.samples or task.samples,
+                                 max_new_tokens=config.task.max_new_tokens or task.max_new_tokens)
+            print(OmegaConf.to_yaml(shown), end="")
             return 0
         from eval.run import run
 

@@ -118,3 +118,9 @@ def test_data_without_the_columns_is_refused(model_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no column 'question'" in err and "task.source.question_column" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_cfg_job_prints_the_task_defaults_that_will_run(capsys):
+    assert main(["models=[x]", "task=aime", "task.source.limit=5", "--cfg", "job"]) == 0
+    printed = capsys.readouterr().out
+    assert "path: HuggingFaceH4/aime_2024" in printed and "samples: 16" in printed and "limit: 5" in printed
