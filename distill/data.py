@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.config import ConfigError, DataConfig
+from distill.errors import first_line
 from distill.tokenizer import build_tokenizer
 from eval.tasks import arithmetic
 
@@ -33,7 +34,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load tokenizer '{name}' ({str(error).splitlines()[0]}); give a local folder "
+        raise ConfigError(f"cannot load tokenizer '{name}' ({first_line(error)}); give a local folder "
                           "saved by save_pretrained, or a hub name with network access") from None
 
 
@@ -113,14 +114,13 @@ def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDic
         try:
             loaded = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path))
         except Exception as error:  # noqa: BLE001 - malformed JSON/Parquet surfaces as many types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"cannot read dataset '{source}' ({first}): give JSON lines (one chat row per line) or "
+            raise ConfigError(f"cannot read dataset '{source}' ({first_line(error)}): give JSON lines (one chat row per line) or "
                               "a Parquet file") from None
     else:
         try:
             loaded = datasets.load_dataset(source)
         except Exception as error:  # datasets raises many types for a missing or offline dataset
-            raise ConfigError(f"cannot load dataset '{source}' ({str(error).splitlines()[0]}); give a .jsonl/.parquet "
+            raise ConfigError(f"cannot load dataset '{source}' ({first_line(error)}); give a .jsonl/.parquet "
                               "file or a hub dataset name with network access") from None
     if "train" not in loaded:
         raise ConfigError(f"dataset '{source}' has no 'train' split (splits: {', '.join(loaded)})")

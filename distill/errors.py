@@ -8,3 +8,12 @@ problem and the fix; `python -m distill` prints it as `error: <message>`, withou
 
 class UserError(Exception):
     """A problem the user can fix; its message is one line naming the problem and the fix."""
+
+
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message (or its type's name when the message is empty), for
+    one-line reports of failures raised by libraries."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    return text.splitlines()[0][:limit]

@@ -1,9 +1,11 @@
-"""File helpers for outputs that must never be half-written: checksums and atomic writes."""
+"""File helpers for outputs: checksums, atomic writes, and output folders proven usable up front."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from pathlib import Path
 
 
@@ -21,3 +23,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def prepare_output_dir(requested: str | None, *, key: str, default_parent: str, needed_bytes: int = 0) -> Path:
+    """Create the output folder (`requested`, or `<default_parent>/<timestamp>`) and prove it is
+    writable, with `needed_bytes` free, before any work starts; `key` is the config key that names
+    it, for the one-line error."""
+    from distill.config import ConfigError
+
+    folder = Path(requested) if requested else Path(default_parent) / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{key} '{folder}' is not writable ({error.strerror}); set {key}=PATH") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(f"{key} '{folder}' has {free / 2 ** 30:.2f} GiB free but the run writes about "
+                          f"{needed_bytes / 2 ** 30:.2f} GiB (checkpoints, teacher outputs, releases): free space, "
+                          f"lower checkpoint_keep, or set {key}=PATH on a larger disk")
+    return folder

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +21,8 @@ from distill.config import Config, ConfigError, StudentConfig
 from distill.data import (BUILTIN_ARITHMETIC, Example, ModeAlternatingBatches, drop_long_prompts, load_chat_dataset,
                           load_tokenizer, prompt_messages)
 from distill.distributed import Processes, processes
-from distill.files import atomic_write_text
+from distill.errors import first_line
+from distill.files import atomic_write_text, prepare_output_dir
 from distill.losses.token_loss import PARAMETER
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
@@ -65,7 +65,7 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
     cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
     tokenizer = load_tokenizer(tokenizer_name(cfg))
     check_vocabularies_and_memory(cfg, tokenizer, device)  # before anything is allocated or written
-    run_dir = prepare_run_dir(cfg.run_dir, output_bytes(cfg))
+    run_dir = prepare_output_dir(cfg.run_dir, key="run_dir", default_parent="runs", needed_bytes=output_bytes(cfg))
 
     summary = RunSummary(run_dir=run_dir)
     # The main process keeps the run's log (and W&B); the others log nothing of their own.
@@ -170,25 +170,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(requested: str | None, needed_bytes: int = 0) -> Path:
-    """Create the run directory and prove it is writable, with room for what the run will write,
-    before any work starts."""
-    run_dir = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"run_dir '{run_dir}' is not writable ({error.strerror}); set run_dir=PATH") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise ConfigError(f"run_dir '{run_dir}' has {free / 2 ** 30:.2f} GiB free but the run writes about "
-                          f"{needed_bytes / 2 ** 30:.2f} GiB (checkpoints, teacher outputs, releases): free space, "
-                          "lower checkpoint_keep, or set run_dir=PATH on a larger disk")
-    return run_dir
-
-
 def output_bytes(cfg: Config) -> int:
     """About what a run writes: per student its step checkpoints (weights + AdamW state), stage
     folders and release; the teacher's outputs (top-k per response token)."""
@@ -220,7 +201,7 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
         try:
             teacher_config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
         except (OSError, ValueError) as error:  # no such folder or hub name; a folder with no model config
-            raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({str(error).splitlines()[0]}); give a "
+            raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({first_line(error)}); give a "
                               "local folder saved by save_pretrained, or a hub name with network access") from None
         with torch.device("meta"):
             teacher_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(teacher_config).parameters())

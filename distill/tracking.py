@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.errors import first_line
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -40,7 +42,7 @@ class Tracker:
             run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
                              name=run_name, reinit="finish_previous")
         except Exception as error:  # network or auth failure: keep training, log offline
-            print(f"warning: W&B {mode} failed ({str(error).splitlines()[0]}); logging offline instead")
+            print(f"warning: W&B {mode} failed ({first_line(error)}); logging offline instead")
             mode = "offline"
             run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
                              name=run_name, reinit="finish_previous")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError
-from distill.errors import UserError
+from distill.errors import UserError, first_line
+from distill.files import prepare_output_dir
 from distill.tracking import Tracker
 from eval.backends import Backend, TransformersBackend, VLLMBackend
 from eval.config import EvalRunConfig
@@ -51,7 +52,7 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
     cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
     problems = task.load(source, cache_dir)
     tokenizers = {spec.name: load_tokenizer(cfg, spec) for spec in specs}  # a model that cannot load fails here
-    out_dir = prepare_out_dir(cfg.out_dir)
+    out_dir = prepare_output_dir(cfg.out_dir, key="out_dir", default_parent="evals")
 
     summary = EvalSummary(out_dir=out_dir)
     tracker = Tracker(out_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
@@ -94,18 +95,6 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
     return summary
 
 
-def prepare_out_dir(requested: str | None) -> Path:
-    out_dir = Path(requested) if requested else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"out_dir '{out_dir}' is not writable ({error.strerror}): choose another out_dir") from None
-    return out_dir
-
-
 def load_tokenizer(cfg: EvalRunConfig, spec: ModelSpec):
     """The model's own tokenizer: each model is prompted with its own chat template."""
     from transformers import AutoTokenizer
@@ -113,7 +102,7 @@ def load_tokenizer(cfg: EvalRunConfig, spec: ModelSpec):
     try:
         return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load the tokenizer of model '{spec.path}' ({_first_line(error)}): give a local "
+        raise UserError(f"cannot load the tokenizer of model '{spec.path}' ({first_line(error, 200)}): give a local "
                         "folder saved by save_pretrained, or a hub name with network access") from None
 
 
@@ -143,12 +132,8 @@ def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[cfg.backend.dtype],
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model '{spec.path}' ({_first_line(error)}): give a local folder saved by "
+        raise UserError(f"cannot load model '{spec.path}' ({first_line(error, 200)}): give a local folder saved by "
                         "save_pretrained, or a hub name with network access") from None
     return TransformersBackend(model.to(device).eval(), tokenizer, name=spec.name,
                                batch_size=cfg.backend.batch_size, progress=cfg.progress)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

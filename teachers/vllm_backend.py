@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from distill.chat import MODE_SAMPLING, Sampling, check_mode
-from distill.errors import UserError
+from distill.errors import UserError, first_line
 from distill.generation import Generation
 from teachers.base import TopK
 
@@ -162,11 +162,11 @@ class VLLMTeacher:
         if response.status_code == 400 and k is not None and "logprobs" in response.text.lower():
             if self.margin and k > self.margin:
                 raise _LogprobsLimit()
-            raise TeacherServerError(f"top_k={k} is above the vLLM server's max_logprobs ({_first_line(response.text)}):"
+            raise TeacherServerError(f"top_k={k} is above the vLLM server's max_logprobs ({first_line(response.text)}):"
                                      f" restart the server with --max-logprobs {k}, or lower the top-k")
         if response.status_code != 200:
             raise TeacherServerError(f"vLLM server at {self.url} refused the request: HTTP {response.status_code} "
-                                     f"{_first_line(response.text)}")
+                                     f"{first_line(response.text)}")
         return response.json()
 
     def _served_model(self) -> str:
@@ -194,6 +194,3 @@ class VLLMTeacher:
     def close(self) -> None:
         self.client.close()
 
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:300] if text.strip() else ""

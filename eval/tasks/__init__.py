@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.errors import UserError
+from distill.errors import UserError, first_line
 from eval.extract import Extraction, extract
 from eval.verify import equivalent
 
@@ -99,9 +99,8 @@ def load_rows(source: Source) -> list[dict]:
     except TaskError:
         raise
     except Exception as error:  # noqa: BLE001 - datasets raises many types; the user needs one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TaskError(f"cannot load task data '{source.path}' (split '{source.split}'): {first}; give a local "
-                        ".jsonl/.parquet file, or a hub dataset name with network access") from None
+        raise TaskError(f"cannot load task data '{source.path}' (split '{source.split}'): {first_line(error)}; give a "
+                        "local .jsonl/.parquet file, or a hub dataset name with network access") from None
     for column in (source.question_column, source.answer_column):
         if column not in rows.column_names:
             raise TaskError(f"task data '{source.path}' has no column '{column}' (columns: "

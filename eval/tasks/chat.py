@@ -6,15 +6,11 @@ from eval.tasks import Problem, Source, Task, load_rows
 
 
 def load(source, cache_dir) -> list[Problem]:
-    problems = []
-    for index, row in enumerate(load_rows(source)):
-        messages = list(row[source.question_column])
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        problems.append(Problem(id=str(row.get("id", index)),
-                                messages=[{"role": m["role"], "content": m["content"]} for m in messages],
-                                reference=str(row[source.answer_column]).strip()))
-    return problems
+    from distill.data import prompt_messages  # here: distill.data itself imports eval.tasks
+
+    return [Problem(id=str(row.get("id", index)), messages=prompt_messages(row[source.question_column]),
+                    reference=str(row[source.answer_column]).strip())
+            for index, row in enumerate(load_rows(source))]
 
 
 TASK = Task(name="chat", load=load, source=Source(question_column="messages", answer_column="answer"))
