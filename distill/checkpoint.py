@@ -2,9 +2,12 @@
 
 A checkpoint is a folder `step-000120/` holding everything the next step depends on:
 
-- `model.safetensors`: the weights (safetensors, never pickle);
+- `model.safetensors`: the weights (safetensors, never pickle), whole even when the processes
+  train shards of them (gathered first);
 - `optimizer.pt`: the AdamW state and the torch RNG state, tensors and numbers only, read back
   with `torch.load(weights_only=True)`;
+- `zero3-rankNNNNN-of-NNNNN.pt` (parallel=zero3 only): each process's partition of the fp32
+  weights and AdamW state, tensors and numbers only;
 - `state.json`: the step, the batch stream's position (its shuffling RNG and queues), the metric
   accumulators and the records logged so far.
 
@@ -22,7 +25,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 
 from distill.files import atomic_write_text
 
@@ -30,26 +32,36 @@ LATEST = "latest"
 
 
 class StepCheckpoints:
-    def __init__(self, folder: Path, every: int, keep: int = 2, *, writer: bool = True):
+    def __init__(self, folder: Path, every: int, keep: int = 2, *, writer: bool = True, barrier=lambda: None):
         if every <= 0 or keep <= 0:
             raise ValueError(f"checkpoints need every > 0 and keep > 0, got every={every} keep={keep}")
-        # writer=False: restore only (data-parallel processes other than the main one read the
-        # main process's checkpoints and write none).
+        # writer=False: the data-parallel processes other than the main one take part in saving
+        # (sharded weights are gathered, a collective) but write nothing; all read to restore.
         self.folder, self.every, self.keep, self.writer = Path(folder), every, keep, writer
+        self.barrier = barrier  # waits for every process (ZeRO-3 processes each write a part)
 
     def due(self, step: int, steps: int) -> bool:
         """After optimizer step `step` (1-based): save now? (Never after the last: the stage's own
         output takes over there.)"""
-        return self.writer and step % self.every == 0 and step < steps
+        return step % self.every == 0 and step < steps
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, engine, state: dict) -> Path | None:
+        """Every process calls this; `engine` (distill/parallel.py) gathers what is sharded, and
+        each process writes its own part, if it has one, into the staging folder."""
         name = f"step-{step:06d}"
-        staging = self.folder / f".{name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        save_model(model, str(staging / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
+        staging = self.folder / f".{name}.partial"
+        if self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        self.barrier()
+        engine.write_shard(staging)
+        engine.write_weights(staging / "model.safetensors", write=self.writer)
+        optimizer = engine.optimizer_state()
+        self.barrier()
+        if not self.writer:
+            return None
+        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
         (staging / "state.json").write_text(json.dumps({"step": step, **state}))
         final = self.folder / name
         shutil.rmtree(final, ignore_errors=True)
@@ -66,13 +78,15 @@ class StepCheckpoints:
         folder = self.folder / pointer.read_text().strip()
         return folder if (folder / "state.json").exists() else None
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Load the newest checkpoint into model and optimizer; returns its state (None: none yet)."""
+    def restore(self, engine) -> dict | None:
+        """Load the newest checkpoint into the engine's model and optimizer; returns its state
+        (None: none yet)."""
         folder = self.latest()
         if folder is None:
             return None
-        load_model(model, str(folder / "model.safetensors"))
+        engine.read_weights(folder / "model.safetensors")
         saved = torch.load(folder / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        engine.load_optimizer_state(saved["optimizer"])
+        engine.read_shard(folder)
         torch.set_rng_state(saved["torch_rng"])
         return json.loads((folder / "state.json").read_text())

@@ -208,6 +208,19 @@ class WandbConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How data-parallel processes (accelerate launch / torchrun) hold the student: `ddp` a whole
+    replica each; `fsdp2` (torch FSDP2) and `zero3` (DeepSpeed ZeRO-3) split parameters,
+    gradients and optimizer state over them. One process always trains as ddp."""
+
+    strategy: Literal["ddp", "fsdp2", "zero3"] = "ddp"
+    reshard_after_forward: bool = True        # fsdp2: free a layer's gathered weights after its forward
+    offload_optimizer: bool = False           # zero3: AdamW state in CPU memory
+    offload_params: bool = False              # zero3: parameters in CPU memory between uses
+    param_persistence_threshold: int = 100_000  # zero3: parameters with fewer elements stay whole
+
+
+@dataclass
 class Config:
     students: dict[str, StudentConfig]
     teacher: TeacherConfig
@@ -222,6 +235,7 @@ class Config:
     student_workers: int = 0    # processes training students; 0 = auto (one per student on a CPU)
     logger: Literal["wandb", "none"] = "wandb"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Step checkpoints of every training stage (<run_dir>/checkpoints/steps/), the newest `keep`;
     # resume=true continues the run in run_dir from its newest checkpoints and finished stages.
     checkpoint_every: int = 100

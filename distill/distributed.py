@@ -11,6 +11,9 @@ checkpoints, eval, release, the run's log) happens on the main process while the
 
 On a CPU machine: `accelerate launch --multi_gpu --num_processes 2 -m distill ...` with
 OMP_NUM_THREADS=1 (`--cpu --num_processes 2` silently starts one process).
+
+This module says where a process stands and averages replicas' gradients; whether the processes
+hold whole replicas or shards of the student (`parallel=ddp|fsdp2|zero3`) is distill/parallel.py.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from distill.config import ConfigError
 
 
 @dataclass
@@ -74,6 +79,13 @@ def processes(device: torch.device) -> Processes:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=device.type == "cpu")
+    plugin = {DistributedType.FSDP: "fsdp2", DistributedType.DEEPSPEED: "zero3"}.get(accelerator.distributed_type)
+    if plugin is not None:
+        # Its settings would be silently ignored: distill shards the student itself.
+        raise ConfigError(f"accelerate was launched with its {accelerator.distributed_type.value} plugin, which distill "
+                          f"does not use: launch with conf/accelerate/multi_gpu.yaml (or --multi_gpu) and set "
+                          f"parallel={plugin}")
     return Processes(accelerator.process_index, accelerator.num_processes, accelerator)

@@ -15,6 +15,8 @@ end: the eos is not a target), or left out with `truncated=drop`.
 
 from __future__ import annotations
 
+import contextlib
+
 import random
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +62,11 @@ class OnPolicyBatches:
     def __init__(self, student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase,
                  prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
                  offpolicy=None, seed: int = 0, generation_batch_size: int = 256, modes: tuple[str, ...] = MODES,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, policy_weights=None):
         self.rank, self.world = rank, world
+        # A context manager that puts the current weights into the student for the rollouts
+        # (a sharded engine's gather; by default the student already holds them).
+        self.policy_weights = policy_weights or contextlib.nullcontext
         check_same_prompts(tokenizer, teacher.tokenizer, {mode: prompts for mode in modes})
         self.student, self.teacher, self.tokenizer, self.cfg = student, teacher, tokenizer, cfg
         self.steps, self.max_length, self.offpolicy, self.seed = steps, max_length, offpolicy, seed
@@ -84,7 +89,14 @@ class OnPolicyBatches:
             for batch in batches:
                 batch.stats.update({"onpolicy": 0.0, "lambda": lam})
             return batches
-        micro = []
+        with self.policy_weights(self.student) as student:
+            micro = self._rollouts(step, student)
+        for batch in micro:
+            batch.stats["lambda"] = lam
+        return micro
+
+    def _rollouts(self, step: int, student: PreTrainedModel) -> list[TokenBatch]:
+        cfg, micro = self.cfg, []
         for _ in range(cfg.grad_accum):
             mode = self.modes[self.turn % len(self.modes)]
             self.turn += 1
@@ -95,12 +107,10 @@ class OnPolicyBatches:
             chosen, self.order = self.order[:cfg.batch_size], self.order[cfg.batch_size:]
             # Data-parallel: this rank's share of the prompts, sampled with its own seed.
             seed = self.seed * 1_000_003 + step * 7919 + self.turn + self.rank * 104_729
-            micro.append(rollout_batch(self.student, self.teacher, self.tokenizer,
+            micro.append(rollout_batch(student, self.teacher, self.tokenizer,
                                        [self.rendered[mode][i] for i in chosen[self.rank::self.world]], mode, cfg,
                                        sampling=self.sampling, seed=seed, max_length=self.max_length,
                                        generation_batch_size=self.generation_batch_size))
-        for batch in micro:
-            batch.stats["lambda"] = lam
         return micro
 
     def state_dict(self) -> dict:

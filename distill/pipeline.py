@@ -21,6 +21,7 @@ from distill.config import Config, ConfigError, StudentConfig
 from distill.data import (BUILTIN_ARITHMETIC, Example, ModeAlternatingBatches, drop_long_prompts, load_chat_dataset,
                           load_tokenizer, prompt_messages)
 from distill.distributed import Processes, processes
+from distill.parallel import make_engine
 from distill.errors import first_line
 from distill.files import atomic_write_text, prepare_output_dir
 from distill.losses.token_loss import PARAMETER
@@ -64,7 +65,8 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
                           "its processes")
     cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    check_vocabularies_and_memory(cfg, tokenizer, device)  # before anything is allocated or written
+    # before anything is allocated or written
+    check_vocabularies_and_memory(cfg, tokenizer, device, shards=proc.world if cfg.parallel.strategy != "ddp" else 1)
     run_dir = prepare_output_dir(cfg.run_dir, key="run_dir", default_parent="runs", needed_bytes=output_bytes(cfg))
 
     summary = RunSummary(run_dir=run_dir)
@@ -190,7 +192,8 @@ def tokenizer_name(cfg: Config) -> str:
     return "builtin" if cfg.teacher.kind == "embedded" else cfg.teacher.model
 
 
-def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+                                  shards: int = 1) -> None:
     """Refuse, before allocating anything, models that cannot use the tokenizer or do not fit."""
     real = len(tokenizer)
     if cfg.teacher.kind == "embedded":
@@ -229,7 +232,7 @@ def check_vocabularies_and_memory(cfg: Config, tokenizer: PreTrainedTokenizerBas
             except TeacherInitError as error:
                 raise ConfigError(f"students.{name} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
-        check_fits(name, estimate(params, teacher_params, teacher_format), device)
+        check_fits(name, estimate(params, teacher_params, teacher_format, shards), device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -395,7 +398,7 @@ def train_student(cfg: Config, name: str, student: PreTrainedModel, data: Studen
             student.load_state_dict(AutoModelForCausalLM.from_pretrained(finished, dtype=torch.float32).state_dict())
             continue
         steps = StepCheckpoints(run_dir / "checkpoints" / "steps" / stage / name, cfg.checkpoint_every,
-                                cfg.checkpoint_keep, writer=proc.main)
+                                cfg.checkpoint_keep, writer=proc.main, barrier=proc.barrier)
         if stage == "offpolicy":
             records += _fit_offpolicy(cfg, name, student, data.examples, tokenizer, tracker, progress, position,
                                       data.validation, steps, proc)
@@ -421,10 +424,13 @@ def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: d
                         max_grad_norm=stage.max_grad_norm)
     batches = ModeAlternatingBatches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
                                      micro_batches=stage.grad_accum, seed=stage.seed, rank=proc.rank, world=proc.world)
-    return fit(student, batches, distillation_objective(cfg.loss, len(tokenizer)), schedule, tracker=tracker,
+    objective = distillation_objective(cfg.loss, len(tokenizer))
+    engine = make_engine(student, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                         max_grad_norm=schedule.max_grad_norm, micro_batches=stage.grad_accum, proc=proc,
+                         cfg=cfg.parallel)
+    return fit(student, batches, objective, schedule, tracker=tracker,
                prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, name, tokenizer, validation), checkpoints=checkpoints, resume=cfg.resume,
-               data_parallel=data_parallel(proc))
+               periodic=_periodic(cfg, name, tokenizer, validation), checkpoints=checkpoints, resume=cfg.resume, data_parallel=data_parallel(proc), engine=engine)
 
 
 def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, teacher,
@@ -438,14 +444,20 @@ def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Studen
         offpolicy = ModeAlternatingBatches(data.examples, stage.batch_size, tokenizer.pad_token_id,
                                            cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1,
                                            rank=proc.rank, world=proc.world)
+    objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
+    engine = make_engine(student, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                         max_grad_norm=schedule.max_grad_norm, micro_batches=stage.grad_accum, proc=proc,
+                         cfg=cfg.parallel)
+    # Rollouts come from the student object itself: a sharding engine gathers the current
+    # weights into it for each step's sampling.
     batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
                               max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed, rank=proc.rank,
-                              world=proc.world)
-    objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
+                              world=proc.world, policy_weights=engine.full_weights_in)
     return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
                desc=f"on-policy {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation), checkpoints=checkpoints,
-               resume=cfg.resume, data_parallel=data_parallel(proc))
+               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation),
+               checkpoints=checkpoints, resume=cfg.resume, data_parallel=data_parallel(proc),
+               engine=engine)
 
 
 def data_parallel(proc: Processes) -> DataParallel:

@@ -22,6 +22,7 @@ from distill.checkpoint import StepCheckpoints
 from distill.config import LossConfig
 from distill.data import TokenBatch
 from distill.errors import UserError
+from distill.parallel import Replicated
 from distill.tracking import Tracker
 
 Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
@@ -68,63 +69,65 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
         tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
         position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS,
         periodic: tuple[int, Callable[[PreTrainedModel], dict]] | None = None,
-        checkpoints: StepCheckpoints | None = None, resume: bool = False) -> list[dict]:
+        checkpoints: StepCheckpoints | None = None, resume: bool = False, engine: Replicated | None = None) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
     micro-batches of one step (this rank's share of it). Returns the logged records.
 
     `periodic=(every, evaluate)` calls `evaluate(model)` every `every` steps (and after the last)
     and logs the metrics it returns against this stage's step. `checkpoints` saves the training
     state every `checkpoints.every` steps (`batches` must then have `state_dict`); with `resume`,
-    training continues from the newest one, ending bitwise where an uninterrupted run would."""
-    device = next(model.parameters()).device
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
+    training continues from the newest one, ending bitwise where an uninterrupted run would.
+
+    `engine` (distill/parallel.py) holds the model and optimizer across processes (made with
+    `objective`); by default one replica per process, gradients averaged by `data_parallel`.
+    When it returns, `model` holds the trained weights, whatever the engine."""
+    device = engine.device if engine is not None else next(model.parameters()).device
+    if engine is None:
+        engine = Replicated(model, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                            average_gradients=data_parallel.average_gradients)
     tracker.define_axis(prefix)
-    model.train()
+    if engine.sharded:
+        tracker.log({f"{prefix}/params_held_fraction": engine.held_fraction()})
+    engine.module.train()
     records, started = [], time.perf_counter()
     # Metric sums and how many micro-batches reported each (a per-mode metric appears only in
     # that mode's micro-batches).
     tokens_seen, sums, counts, skipped, start = 0, {}, {}, 0, 0
     if checkpoints is not None and resume:
-        state = checkpoints.restore(model, optimizer)
+        state = checkpoints.restore(engine)
         if state is not None:
             start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped"]
             sums, counts, records = state["sums"], state["counts"], state["records"]
             batches.load_state_dict(state["batches"])
-            model.train()
+            engine.module.train()
     bar = tqdm(range(start, schedule.steps), desc=desc, disable=not progress, position=position, initial=start,
                total=schedule.steps)
     for step in bar:
         micro_batches = next(batches)
         step_tokens = data_parallel.total(sum(b.num_targets for b in micro_batches))
         normaliser = step_tokens / data_parallel.world_size
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
-        optimizer.zero_grad(set_to_none=True)
+        engine.set_lr(schedule.lr_at(step))
+        engine.zero_grad()
         for micro in micro_batches:
             metrics = dict(micro.stats)
             if step_tokens:  # a step with no target token at all (every rollout dropped) changes nothing
-                loss, computed = objective(model, _to(micro, device), normaliser)
+                loss, computed = engine.module(_to(micro, device), normaliser)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"{desc}: the loss is {float(loss.detach())} at step {step + 1} ({micro.mode or 'mixed'}"
                                            f" micro-batch); {_last_good(checkpoints)}")
-                loss.backward()
+                engine.backward(loss)
                 metrics.update(computed)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         if step_tokens:
-            data_parallel.average_gradients(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_grad_norm)
+            grad_norm = engine.clip(schedule.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-                raise TrainingDiverged(f"{desc}: non-finite gradients at step {step + 1} (in {', '.join(bad[:3])}"
-                                       f"{' and more' if len(bad) > 3 else ''}); {_last_good(checkpoints)}")
-            optimizer.step()
+                bad = engine.nonfinite_gradients()
+                where = f" (in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''})" if bad else ""
+                raise TrainingDiverged(f"{desc}: non-finite gradients at step {step + 1}{where}; "
+                                       f"{_last_good(checkpoints)}")
+            engine.update()
             tokens_seen += step_tokens
         else:
             grad_norm = torch.zeros(())
@@ -142,14 +145,16 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think")})
             sums, counts = {}, {}
         if periodic is not None and ((step + 1) % periodic[0] == 0 or step + 1 == schedule.steps):
-            record = {**periodic[1](model), f"{prefix}/step": step + 1}
-            model.train()
+            with engine.full_weights_in(model) as current:
+                record = {**periodic[1](current), f"{prefix}/step": step + 1}
+            engine.module.train()
             tracker.log(record)
             records.append(record)
         if checkpoints is not None and checkpoints.due(step + 1, schedule.steps):
-            checkpoints.save(step + 1, model, optimizer, {
+            checkpoints.save(step + 1, engine, {
                 "batches": batches.state_dict(), "tokens_seen": tokens_seen, "skipped": skipped, "sums": sums,
                 "counts": counts, "records": records})
+    model = engine.finish()
     model.eval()
     return records
 

@@ -1,13 +1,18 @@
 """Data-parallel training over two CPU processes with `accelerate launch`: the processes hold the
 same parameters after every stage, and the update is normalised over the whole step (the result
-matches one process training on the whole batch)."""
+matches one process training on the whole batch). The sharded strategies (parallel=fsdp2, torch
+FSDP2; parallel=zero3, DeepSpeed ZeRO-3) hold about half the parameters per process and train
+the same students as replicas do; a sharded run resumed from a step checkpoint ends bitwise where
+the uninterrupted one did."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,16 +28,32 @@ def _run(command, tmp_path):
     return done
 
 
-def test_two_processes_stay_in_step_and_normalise_over_the_whole_step(tmp_path):
-    base = [o for o in TINY_RUN if not o.startswith("pipeline.eval")] + [
+def _base(tmp_path):
+    return [o for o in TINY_RUN if not o.startswith("pipeline.eval")] + [
         f"cache_dir={tmp_path / 'cache'}", "logger=none", "checkpoint_every=1000"]
+
+
+LAUNCH = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
+RECIPE = "pipeline.stages=[teacher,offpolicy,onpolicy,release]"
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path, student: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "release" / student / "model.safetensors")
+
+
+def test_two_processes_stay_in_step_and_normalise_over_the_whole_step(tmp_path):
+    base = _base(tmp_path)
     offpolicy_only = "pipeline.stages=[teacher,offpolicy,release]"
     # the teacher once, so both runs find it cached
     _run([sys.executable, "-m", "distill", *base, "pipeline.stages=[teacher]", f"run_dir={tmp_path / 'warm'}"], tmp_path)
     _run([sys.executable, "-m", "distill", *base, offpolicy_only, "student_workers=1", f"run_dir={tmp_path / 'one'}"],
          tmp_path)
-    launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", *base]
+    launch = [*LAUNCH, *base]
     _run([*launch, offpolicy_only, f"run_dir={tmp_path / 'two'}"], tmp_path)
     _run([*launch, "pipeline.stages=[teacher,offpolicy,onpolicy,release]", f"run_dir={tmp_path / 'two_recipe'}"],
          tmp_path)
@@ -49,3 +70,53 @@ def test_two_processes_stay_in_step_and_normalise_over_the_whole_step(tmp_path):
     two = load_file(tmp_path / "two" / "release" / "dense" / "model.safetensors")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+
+
+def test_sharded_strategies_train_the_same_students_on_half_the_parameters(tmp_path):
+    base = _base(tmp_path)
+    _run([sys.executable, "-m", "distill", *base, "pipeline.stages=[teacher]", f"run_dir={tmp_path / 'warm'}"], tmp_path)
+    # ZeRO-3 keeps parameters below a size threshold whole; 0 partitions all of the tiny ones.
+    strategies = {"ddp": [], "fsdp2": ["parallel=fsdp2"], "zero3": ["parallel=zero3", "parallel.param_persistence_threshold=0"]}
+    for strategy, overrides in strategies.items():
+        _run([*LAUNCH, *base, RECIPE, *overrides, f"run_dir={tmp_path / strategy}"], tmp_path)
+
+    for strategy in ("fsdp2", "zero3"):
+        records = _records(tmp_path / strategy)
+        for name in ("dense", "moe"):
+            for prefix in (f"train/{name}", f"train/{name}/onpolicy"):
+                held = [r[f"{prefix}/params_held_fraction"] for r in records if f"{prefix}/params_held_fraction" in r]
+                assert held and all(0.4 < fraction <= 0.55 for fraction in held), (strategy, prefix, held)
+            assert any(f"train/{name}/onpolicy/kd_loss" in r for r in records)
+            # Off-policy, then on-policy on the processes' own rollouts, sharded: the same
+            # students as whole replicas train (reductions in another order: float rounding).
+            replica, sharded = _weights(tmp_path / "ddp", name), _weights(tmp_path / strategy, name)
+            assert set(replica) == set(sharded)
+            for key in replica:
+                torch.testing.assert_close(sharded[key], replica[key], rtol=0, atol=1e-4)
+    assert not any("params_held_fraction" in key for r in _records(tmp_path / "ddp") for key in r)
+
+
+@pytest.mark.parametrize("strategy", [["parallel=fsdp2"], ["parallel=zero3", "parallel.param_persistence_threshold=0"]],
+                         ids=["fsdp2", "zero3"])
+def test_sharded_runs_resume_bitwise_from_a_step_checkpoint(tmp_path, strategy):
+    base = _base(tmp_path) + [*strategy, "checkpoint_every=3", "checkpoint_keep=100"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run([*LAUNCH, *base, RECIPE, f"run_dir={full}"], tmp_path)
+    # The run as a crash during the off-policy stage would leave it: step checkpoints up to step
+    # 6, the checkpoint of step 3 gone too (a resumed run that started over would rewrite it).
+    shutil.copytree(full, resumed)
+    for stale in ("release", "models.json", "checkpoints/offpolicy", "checkpoints/onpolicy", "checkpoints/steps/onpolicy"):
+        target = resumed / stale
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in ("dense", "moe"):
+        steps = resumed / "checkpoints" / "steps" / "offpolicy" / name
+        for late in ("step-000003", "step-000009"):
+            shutil.rmtree(steps / late)
+        (steps / "latest").write_text("step-000006")
+    _run([*LAUNCH, *base, RECIPE, f"run_dir={resumed}", "resume=true"], tmp_path)
+
+    for name in ("dense", "moe"):
+        steps = resumed / "checkpoints" / "steps" / "offpolicy" / name
+        assert (steps / "step-000009").is_dir() and not (steps / "step-000003").exists()
+        before, after = _weights(full, name), _weights(resumed, name)
+        assert all(torch.equal(before[key], after[key]) for key in before), name

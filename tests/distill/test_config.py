@@ -11,7 +11,7 @@ from students.presets import PRESETS
 from teachers.embedded import teacher_architecture
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-                 for group in ("teacher", "data", "loss", "pipeline")}
+                 for group in ("teacher", "data", "loss", "pipeline", "parallel")}
 REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages": ["data.source=x.jsonl"],
             "teacher=vllm": ["teacher.model=some/model", "students.dense.init=random"]}
 
@@ -76,6 +76,7 @@ def test_cfg_job_prints_the_student_architecture(capsys):
     (["+student=4b", "logger=none"], "student '4b' needs about"),
     (["students.dense.teacher_layers=[0,1,2,7]"], "students.dense cannot start from the teacher's blocks: teacher_layers"),
     (["students.dense.architecture.hidden_size=64"], "student hidden_size=64 but teacher hidden_size=128"),
+    (["parallel=zero4"], "unknown parallel 'zero4'; valid: ddp, fsdp2, zero3"),
 ])
 def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = main([*args, f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"])
@@ -90,8 +91,16 @@ def test_bad_input_fails_with_one_line_and_exit_2(tmp_path, capsys, args, messag
 def test_memory_refusal_names_the_parts_and_the_ways_out(tmp_path, capsys):
     main(["+student=32b", f"run_dir={tmp_path}", "logger=none"])
     err = capsys.readouterr().err
-    for part in ("weights", "gradients", "AdamW state", "smaller preset", "FSDP", "8-bit optimizer"):
+    for part in ("weights", "gradients", "AdamW state", "smaller preset", "parallel=fsdp2", "parallel=zero3"):
         assert part in err
+
+
+def test_sharding_splits_gradients_and_optimizer_state_but_counts_the_weights_whole():
+    from distill.memory import estimate
+
+    whole, halves = estimate(1000, 0, "float32"), estimate(1000, 0, "float32", shards=2)
+    assert (halves.weights, halves.gradients, halves.optimizer) == (whole.weights, whole.gradients // 2,
+                                                                    whole.optimizer // 2)
 
 
 def test_load_config_rejects_bad_override_syntax():
