@@ -217,7 +217,11 @@ class ParallelConfig:
     reshard_after_forward: bool = True        # fsdp2: free a layer's gathered weights after its forward
     offload_optimizer: bool = False           # zero3: AdamW state in CPU memory
     offload_params: bool = False              # zero3: parameters in CPU memory between uses
-    param_persistence_threshold: int = 100_000  # zero3: parameters with fewer elements stay whole
+    # zero3, None = sized from the student's hidden size H as transformers' "auto" does:
+    # parameters under 10*H elements stay whole; gradient-reduce buckets of H*H elements,
+    # parameter prefetch of 0.9*H*H (DeepSpeed's own defaults, 5e8 elements, cost 2 GB in fp32).
+    param_persistence_threshold: int | None = None
+    bucket_size: int | None = None
 
 
 @dataclass

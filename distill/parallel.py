@@ -306,6 +306,9 @@ class ZeRO3(_Sharded):
         self.proc, self.micro_batches = proc, micro_batches
         working = self._take_weights(model)
         module = ObjectiveModule(working, objective)
+        hidden = working.config.hidden_size
+        bucket = cfg.bucket_size or hidden * hidden
+        persistence = 10 * hidden if cfg.param_persistence_threshold is None else cfg.param_persistence_threshold
         config = {
             "train_micro_batch_size_per_gpu": 1,  # nominal: batches are counted in tokens here
             "gradient_accumulation_steps": micro_batches,
@@ -315,7 +318,9 @@ class ZeRO3(_Sharded):
             "steps_per_print": 2 ** 31,
             "zero_optimization": {
                 "stage": 3,
-                "stage3_param_persistence_threshold": cfg.param_persistence_threshold,
+                "stage3_param_persistence_threshold": persistence,
+                "reduce_bucket_size": bucket,
+                "stage3_prefetch_bucket_size": int(0.9 * bucket),
                 **({"offload_optimizer": {"device": "cpu"}} if cfg.offload_optimizer else {}),
                 **({"offload_param": {"device": "cpu"}} if cfg.offload_params else {}),
             },

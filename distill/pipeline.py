@@ -83,6 +83,11 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             dataset = drop_long_prompts(dataset, tokenizer, cfg.data, render_prompt)
 
         tick = time.perf_counter()
+        if proc.world > 1 and cfg.teacher.quantization != "none" and cfg.teacher.device_map is None \
+                and device.type == "cuda":
+            # A quantized teacher is placed by a device map, whose "auto" would spread every
+            # process's copy over all the node's GPUs: each process keeps its copy on its own GPU.
+            cfg = replace(cfg, teacher=replace(cfg.teacher, device_map=f"cuda:{torch.cuda.current_device()}"))
         # The main process trains (or loads) the teacher first; the others then find it cached.
         if not proc.main:
             proc.barrier()
