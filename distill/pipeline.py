@@ -60,6 +60,9 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     proc = processes(device)
+    if proc.world == 1 and cfg.parallel.strategy != "ddp":
+        print(f"warning: parallel={cfg.parallel.strategy} shards the student over several processes; this run has one, "
+              "so it trains a whole replica (start several with accelerate launch)")
     if proc.world > 1 and not cfg.run_dir:
         raise ConfigError("a data-parallel run (accelerate launch / torchrun) needs run_dir=PATH, one folder for all "
                           "its processes")
