@@ -3,13 +3,16 @@ same parameters after every stage, and the update is normalised over the whole s
 matches one process training on the whole batch). The sharded strategies (parallel=fsdp2, torch
 FSDP2; parallel=zero3, DeepSpeed ZeRO-3) hold about half the parameters per process and train
 the same students as replicas do; a sharded run resumed from a step checkpoint ends bitwise where
-the uninterrupted one did."""
+the uninterrupted one did, also after its processes are killed with SIGKILL."""
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,4 +122,38 @@ def test_sharded_runs_resume_bitwise_from_a_step_checkpoint(tmp_path, strategy):
         steps = resumed / "checkpoints" / "steps" / "offpolicy" / name
         assert (steps / "step-000009").is_dir() and not (steps / "step-000003").exists()
         before, after = _weights(full, name), _weights(resumed, name)
+        assert all(torch.equal(before[key], after[key]) for key in before), name
+
+
+def test_a_sharded_run_killed_at_random_points_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL every process of a two-process fsdp2 run (a preempted node) twice at random
+    moments, resume each time: the released students are bitwise those of an uninterrupted run."""
+    base = _base(tmp_path) + ["parallel=fsdp2", "checkpoint_every=2", "pipeline.offpolicy.steps=60",
+                              "students.dense.steps=60", "pipeline.onpolicy.steps=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
+    launches = iter(range(29_510, 29_600))  # a fresh port each time: a killed run's may linger
+
+    def launch(run_dir, *extra):
+        command = [*LAUNCH[:2], "--main_process_port", str(next(launches)), *LAUNCH[2:], *base, RECIPE,
+                   f"run_dir={run_dir}", *extra]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, cwd=os.getcwd())
+
+    assert launch(tmp_path / "straight").wait(timeout=900) == 0
+    rng = random.Random(11)
+    run, kills, checkpoints_seen = launch(tmp_path / "killed"), 0, 0
+    while kills < 2:
+        # A launch spends about 10 s starting its processes before it trains.
+        time.sleep(rng.uniform(13.0, 20.0) if kills == 0 else rng.uniform(11.0, 15.0))
+        if run.poll() is not None:
+            break
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        kills += 1
+        checkpoints_seen += any((tmp_path / "killed" / "checkpoints" / "steps").glob("*/*/latest"))
+        run = launch(tmp_path / "killed", "resume=true")
+    assert run.wait(timeout=900) == 0
+    assert kills >= 1 and checkpoints_seen, "the run finished, or was killed before any checkpoint: retime the kills"
+    for name in ("dense", "moe"):
+        before, after = _weights(tmp_path / "straight", name), _weights(tmp_path / "killed", name)
         assert all(torch.equal(before[key], after[key]) for key in before), name
