@@ -361,9 +361,13 @@ class ZeRO3(_Sharded):
         import deepspeed
 
         params = dict(self.model.named_parameters())
+        keep = not rank0_only or self.proc.main
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            state = {name: tensor.detach().clone().cpu() for name, tensor in self.model.state_dict().items()}
-        return {} if rank0_only and not self.proc.main else state
+            # For a checkpoint, on the CPU of the main process; for rollouts, on every device.
+            # (always a copy: the gathered buffers are freed on leaving the context)
+            state = {name: (tensor.detach().to("cpu", copy=True) if rank0_only else tensor.detach().clone())
+                     for name, tensor in self.model.state_dict().items()} if keep else {}
+        return state
 
     # The optimizer's partitions are the truth (the model's partitions are views of them or are
     # copied from them), so they alone are restored.
