@@ -214,6 +214,9 @@ class ParallelConfig:
     gradients and optimizer state over them. One process always trains as ddp."""
 
     strategy: Literal["ddp", "fsdp2", "zero3"] = "ddp"
+    # bf16: forward and backward in bfloat16, weights, AdamW state and gradient reduction in
+    # float32 (ddp: autocast; fsdp2: its MixedPrecisionPolicy; zero3: DeepSpeed's bf16 mode).
+    mixed_precision: Literal["none", "bf16"] = "none"
     reshard_after_forward: bool = True        # fsdp2: free a layer's gathered weights after its forward
     offload_optimizer: bool = False           # zero3: AdamW state in CPU memory
     offload_params: bool = False              # zero3: parameters in CPU memory between uses

@@ -47,12 +47,15 @@ class ObjectiveModule(torch.nn.Module):
     normaliser)`, i.e. (loss, metrics). The sharding engines wrap this module, so every weight the
     loss touches is gathered for its forward."""
 
-    def __init__(self, model: torch.nn.Module, objective: Callable):
+    def __init__(self, model: torch.nn.Module, objective: Callable, autocast: torch.dtype | None = None):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.autocast = model, objective, autocast
 
     def forward(self, batch, normaliser):
-        return self.objective(self.model, batch, normaliser)
+        if self.autocast is None:
+            return self.objective(self.model, batch, normaliser)
+        with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
+            return self.objective(self.model, batch, normaliser)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -72,10 +75,10 @@ class Replicated:
     sharded = False
 
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
-                 proc: Processes | None = None, average_gradients: Callable | None = None):
+                 proc: Processes | None = None, average_gradients: Callable | None = None, bf16: bool = False):
         self.model, self.proc = model, proc or Processes()
         self.device = next(model.parameters()).device
-        self.module = ObjectiveModule(model, objective)
+        self.module = ObjectiveModule(model, objective, autocast=torch.bfloat16 if bf16 else None)
         self.optimizer = _adamw(_param_groups(model, weight_decay), lr)
         self._average = average_gradients or self.proc.average_gradients
 
@@ -230,15 +233,19 @@ class FSDP2(_Sharded):
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
                  proc: Processes, cfg: ParallelConfig):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.proc = proc
         working = self._take_weights(model)
         mesh = init_device_mesh(self.device.type, (proc.world,))
+        # bf16: layers gathered and computed in bf16; gradients reduced and kept in fp32.
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy()
+        shard = dict(mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=precision)
         for layer in _decoder_layers(working):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+            fully_shard(layer, **shard)
         self.module = ObjectiveModule(working, objective)
-        fully_shard(self.module, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(self.module, **shard)
         self.model = working
         self.optimizer = _adamw(_param_groups(working, weight_decay), lr)
 
@@ -303,7 +310,7 @@ class ZeRO3(_Sharded):
             raise UserError(f"parallel=zero3 needs DeepSpeed ({error.msg}): pip install 'distill[deepspeed]', "
                             "or use parallel=fsdp2") from None
 
-        self.proc, self.micro_batches = proc, micro_batches
+        self.proc, self.micro_batches, self.bf16 = proc, micro_batches, cfg.mixed_precision == "bf16"
         working = self._take_weights(model)
         module = ObjectiveModule(working, objective)
         hidden = working.config.hidden_size
@@ -315,6 +322,8 @@ class ZeRO3(_Sharded):
             "train_batch_size": micro_batches * proc.world,
             "gradient_clipping": max_grad_norm,
             "zero_allow_untested_optimizer": True,
+            # bf16: DeepSpeed computes with bf16 weights and keeps fp32 masters in the optimizer.
+            "bf16": {"enabled": cfg.mixed_precision == "bf16"},
             "steps_per_print": 2 ** 31,
             "zero_optimization": {
                 "stage": 3,
@@ -362,11 +371,16 @@ class ZeRO3(_Sharded):
 
         params = dict(self.model.named_parameters())
         keep = not rank0_only or self.proc.main
+        copy_ = (lambda t: t.detach().to("cpu", copy=True)) if rank0_only else (lambda t: t.detach().clone())
+        if self.bf16:
+            # The fp32 masters the optimizer keeps, not the bf16 weights it computes with.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            state = {name: safe_get_full_fp32_param(p) for name, p in params.items()}
+            return {name: copy_(t) for name, t in state.items()} if keep else {}
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            # For a checkpoint, on the CPU of the main process; for rollouts, on every device.
             # (always a copy: the gathered buffers are freed on leaving the context)
-            state = {name: (tensor.detach().to("cpu", copy=True) if rank0_only else tensor.detach().clone())
-                     for name, tensor in self.model.state_dict().items()} if keep else {}
+            state = {name: copy_(tensor) for name, tensor in self.model.state_dict().items()} if keep else {}
         return state
 
     # The optimizer's partitions are the truth (the model's partitions are views of them or are
@@ -415,10 +429,11 @@ def make_engine(model: torch.nn.Module, objective: Callable, *, lr: float, weigh
                 average_gradients: Callable | None = None) -> Replicated:
     """The engine for `cfg.strategy` (ddp in one process, whatever was asked)."""
     strategy = cfg.strategy if cfg is not None and proc.world > 1 else "ddp"
+    bf16 = cfg is not None and cfg.mixed_precision == "bf16"
     if strategy == "fsdp2":
         return FSDP2(model, objective, lr=lr, weight_decay=weight_decay, proc=proc, cfg=cfg)
     if strategy == "zero3":
         return ZeRO3(model, objective, lr=lr, weight_decay=weight_decay, proc=proc, cfg=cfg,
                      micro_batches=micro_batches, max_grad_norm=max_grad_norm)
     return Replicated(model, objective, lr=lr, weight_decay=weight_decay, proc=proc,
-                      average_gradients=average_gradients)
+                      average_gradients=average_gradients, bf16=bf16)
