@@ -222,7 +222,7 @@ class ParallelConfig:
     offload_params: bool = False              # zero3: parameters in CPU memory between uses
     # zero3, None = sized from the student's hidden size H as transformers' "auto" does:
     # parameters under 10*H elements stay whole; gradient-reduce buckets of H*H elements,
-    # parameter prefetch of 0.9*H*H (DeepSpeed's own defaults, 5e8 elements, cost 2 GB in fp32).
+    # parameter prefetch of 0.9*H*H (DeepSpeed's own default buckets, 5e8 elements, are 2 GB in fp32).
     param_persistence_threshold: int | None = None
     bucket_size: int | None = None
 
