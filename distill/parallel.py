@@ -413,7 +413,9 @@ class ZeRO3(_Sharded):
             raise UserError(f"{folder} holds no ZeRO-3 partition for process {self.proc.rank} of {self.proc.world} "
                             f"({len(written)} partition files): resume with the number of processes that wrote it")
         state = torch.load(path, weights_only=True)
-        state[LOSS_SCALER] = self.optimizer.loss_scaler  # fp32 training: a static scale of 1
+        state[LOSS_SCALER] = self.optimizer.loss_scaler  # fp32 / bf16 training: a static scale of 1
+        # DeepSpeed's own loader reads its pickled files; this is the step after the unpickling
+        # (a private method, hence deepspeed pinned to 0.19 in pyproject.toml).
         self.optimizer._rigid_load_state_dict(state)
 
 
