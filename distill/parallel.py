@@ -39,9 +39,6 @@ from distill.config import ParallelConfig
 from distill.distributed import Processes
 from distill.errors import UserError
 
-STRATEGIES = ("ddp", "fsdp2", "zero3")
-
-
 class ObjectiveModule(torch.nn.Module):
     """The model plus its loss: `forward(batch, normaliser)` returns `objective(model, batch,
     normaliser)`, i.e. (loss, metrics). The sharding engines wrap this module, so every weight the
@@ -75,12 +72,11 @@ class Replicated:
     sharded = False
 
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
-                 proc: Processes | None = None, average_gradients: Callable | None = None, bf16: bool = False):
+                 proc: Processes | None = None, bf16: bool = False):
         self.model, self.proc = model, proc or Processes()
         self.device = next(model.parameters()).device
         self.module = ObjectiveModule(model, objective, autocast=torch.bfloat16 if bf16 else None)
         self.optimizer = _adamw(_param_groups(model, weight_decay), lr)
-        self._average = average_gradients or self.proc.average_gradients
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -94,7 +90,7 @@ class Replicated:
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """Average the gradients over the processes, clip them; returns the global norm."""
-        self._average(self.model)
+        self.proc.average_gradients(self.model)
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def update(self) -> None:
@@ -210,19 +206,20 @@ def _swap_parameters(model: torch.nn.Module, make: Callable[[torch.Tensor], torc
             module._parameters[name] = replaced[id(param)]
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names that are aliases of another (the lm_head tied to the embedding)."""
-    seen, tied = {}, set()
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict names that are aliases of an earlier one (the lm_head tied to the embedding):
+    alias -> the name it repeats."""
+    first: dict[int, str] = {}
+    aliases = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = id(tensor)
-        if key in seen:
-            tied.add(name)
-        seen.setdefault(key, name)
-    return tied
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        first.setdefault(id(tensor), name)
+    return aliases
 
 
 def _without_tied(model: torch.nn.Module, state: dict) -> dict:
-    tied = _tied_names(model)
+    tied = _tied_aliases(model)
     return {k: v.contiguous() for k, v in state.items() if k not in tied}
 
 
@@ -271,8 +268,8 @@ class FSDP2(_Sharded):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         state = load_file(str(path))
-        for name in _tied_names(self.home):
-            state.setdefault(name, state[_alias_of(self.home, name)])
+        for alias, name in _tied_aliases(self.home).items():
+            state.setdefault(alias, state[name])
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
 
     def optimizer_state(self) -> dict:
@@ -284,11 +281,6 @@ class FSDP2(_Sharded):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _alias_of(model: torch.nn.Module, name: str) -> str:
-    tensors = model.state_dict(keep_vars=True)
-    return next(k for k, v in tensors.items() if v is tensors[name] and k != name)
 
 
 class ZeRO3(_Sharded):
@@ -427,8 +419,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def make_engine(model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float, max_grad_norm: float,
-                micro_batches: int, proc: Processes, cfg: ParallelConfig | None = None,
-                average_gradients: Callable | None = None) -> Replicated:
+                micro_batches: int, proc: Processes, cfg: ParallelConfig | None = None) -> Replicated:
     """The engine for `cfg.strategy` (ddp in one process, whatever was asked)."""
     strategy = cfg.strategy if cfg is not None and proc.world > 1 else "ddp"
     bf16 = cfg is not None and cfg.mixed_precision == "bf16"
@@ -437,5 +428,4 @@ def make_engine(model: torch.nn.Module, objective: Callable, *, lr: float, weigh
     if strategy == "zero3":
         return ZeRO3(model, objective, lr=lr, weight_decay=weight_decay, proc=proc, cfg=cfg,
                      micro_batches=micro_batches, max_grad_norm=max_grad_norm)
-    return Replicated(model, objective, lr=lr, weight_decay=weight_decay, proc=proc,
-                      average_gradients=average_gradients, bf16=bf16)
+    return Replicated(model, objective, lr=lr, weight_decay=weight_decay, proc=proc, bf16=bf16)

@@ -21,13 +21,13 @@ from distill.config import Config, ConfigError, StudentConfig
 from distill.data import (BUILTIN_ARITHMETIC, Example, ModeAlternatingBatches, drop_long_prompts, load_chat_dataset,
                           load_tokenizer, prompt_messages)
 from distill.distributed import Processes, processes
-from distill.parallel import make_engine
 from distill.errors import first_line
 from distill.files import atomic_write_text, prepare_output_dir
 from distill.losses.token_loss import PARAMETER
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
 from distill.onpolicy import OnPolicyBatches
+from distill.parallel import Replicated, make_engine
 from distill.plots import loss_curves
 from distill.release import CHECKSUMS, model_card, save_model_folder, write_release
 from distill.tracking import Tracker
@@ -86,11 +86,6 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
             dataset = drop_long_prompts(dataset, tokenizer, cfg.data, render_prompt)
 
         tick = time.perf_counter()
-        if proc.world > 1 and cfg.teacher.quantization != "none" and cfg.teacher.device_map is None \
-                and device.type == "cuda":
-            # A quantized teacher is placed by a device map, whose "auto" would spread every
-            # process's copy over all the node's GPUs: each process keeps its copy on its own GPU.
-            cfg = replace(cfg, teacher=replace(cfg.teacher, device_map=f"cuda:{torch.cuda.current_device()}"))
         # The main process trains (or loads) the teacher first; the others then find it cached.
         if not proc.main:
             proc.barrier()
@@ -433,12 +428,10 @@ def _fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: d
     batches = ModeAlternatingBatches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
                                      micro_batches=stage.grad_accum, seed=stage.seed, rank=proc.rank, world=proc.world)
     objective = distillation_objective(cfg.loss, len(tokenizer))
-    engine = make_engine(student, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                         max_grad_norm=schedule.max_grad_norm, micro_batches=stage.grad_accum, proc=proc,
-                         cfg=cfg.parallel)
     return fit(student, batches, objective, schedule, tracker=tracker,
                prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, name, tokenizer, validation), checkpoints=checkpoints, resume=cfg.resume, data_parallel=data_parallel(proc), engine=engine)
+               periodic=_periodic(cfg, name, tokenizer, validation), checkpoints=checkpoints, resume=cfg.resume,
+               data_parallel=data_parallel(proc), engine=_engine(cfg, student, objective, schedule, stage, proc))
 
 
 def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, teacher,
@@ -453,9 +446,7 @@ def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Studen
                                            cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1,
                                            rank=proc.rank, world=proc.world)
     objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
-    engine = make_engine(student, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                         max_grad_norm=schedule.max_grad_norm, micro_batches=stage.grad_accum, proc=proc,
-                         cfg=cfg.parallel)
+    engine = _engine(cfg, student, objective, schedule, stage, proc)
     # Rollouts come from the student object itself: a sharding engine gathers the current
     # weights into it for each step's sampling.
     batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
@@ -469,7 +460,15 @@ def _fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Studen
 
 
 def data_parallel(proc: Processes) -> DataParallel:
-    return DataParallel(world_size=proc.world, total=proc.total, average_gradients=proc.average_gradients)
+    return DataParallel(world_size=proc.world, total=proc.total)
+
+
+def _engine(cfg: Config, student: PreTrainedModel, objective, schedule: Schedule, stage, proc: Processes) -> Replicated:
+    """How this stage's processes hold the student (`parallel=`), one optimizer step = the
+    stage's `grad_accum` micro-batches."""
+    return make_engine(student, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                       max_grad_norm=schedule.max_grad_norm, micro_batches=stage.grad_accum, proc=proc,
+                       cfg=cfg.parallel)
 
 
 def _periodic(cfg: Config, name: str, tokenizer, validation: list[Problem] | None):

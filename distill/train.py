@@ -57,9 +57,6 @@ class DataParallel:
 
     world_size: int = 1
     total: Callable[[int], int] = int
-    # Averages the gradients over the ranks before the update (DDP does it inside backward;
-    # distill/distributed.py does it here): a no-op in one process.
-    average_gradients: Callable[[torch.nn.Module], None] = lambda model: None
 
 
 SINGLE_PROCESS = DataParallel()
@@ -79,12 +76,11 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
     training continues from the newest one, ending bitwise where an uninterrupted run would.
 
     `engine` (distill/parallel.py) holds the model and optimizer across processes (made with
-    `objective`); by default one replica per process, gradients averaged by `data_parallel`.
+    `objective`); by default a single process's replica.
     When it returns, `model` holds the trained weights, whatever the engine."""
     device = engine.device if engine is not None else next(model.parameters()).device
     if engine is None:
-        engine = Replicated(model, objective, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                            average_gradients=data_parallel.average_gradients)
+        engine = Replicated(model, objective, lr=schedule.lr, weight_decay=schedule.weight_decay)
     tracker.define_axis(prefix)
     if engine.sharded:
         tracker.log({f"{prefix}/params_held_fraction": engine.held_fraction()})

@@ -6,6 +6,7 @@ Models are transformers' `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`; this module
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -98,7 +99,9 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, tr
 
     quantization "8bit" / "4bit" (NF4) loads the linear layers through bitsandbytes, for a teacher
     larger than its device; device_map ("auto", or a device) places or shards it with accelerate.
-    Such a model stays where it was placed (no .to()).
+    Such a model stays where it was placed (no .to()). A quantized model's default map is "auto"
+    in one process, and this process's own GPU when data-parallel processes share the node (each
+    holds its own copy; "auto" would spread every copy over all the GPUs).
     """
     kwargs = {}
     if quantization != "none":
@@ -107,7 +110,11 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, tr
         kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
                                          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                             bnb_4bit_compute_dtype=dtype))
-        device_map = device_map or ("auto" if torch.cuda.is_available() else "cpu")
+        if device_map is None and not torch.cuda.is_available():
+            device_map = "cpu"
+        elif device_map is None:
+            data_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            device_map = f"cuda:{torch.cuda.current_device()}" if data_parallel else "auto"
     if device_map:
         kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
