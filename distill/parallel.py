@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from distill.config import ParallelConfig
+from distill.config import ConfigError, ParallelConfig
 from distill.distributed import Processes
 from distill.errors import UserError
 
@@ -296,11 +297,7 @@ class ZeRO3(_Sharded):
 
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
                  proc: Processes, cfg: ParallelConfig, micro_batches: int, max_grad_norm: float):
-        try:
-            import deepspeed
-        except ImportError as error:
-            raise UserError(f"parallel=zero3 needs DeepSpeed ({error.msg}): pip install 'distill[deepspeed]', "
-                            "or use parallel=fsdp2") from None
+        import deepspeed
 
         self.proc, self.micro_batches, self.bf16 = proc, micro_batches, cfg.mixed_precision == "bf16"
         working = self._take_weights(model)
@@ -416,6 +413,13 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder layers at model.layers to shard")
     return list(layers)
+
+
+def check_available(cfg: ParallelConfig, proc: Processes) -> None:
+    """Before a run starts: can this strategy run here? (DeepSpeed is an optional dependency.)"""
+    if cfg.strategy == "zero3" and proc.world > 1 and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel=zero3 needs DeepSpeed, which is not installed: pip install 'distill[deepspeed]', "
+                          "or use parallel=fsdp2")
 
 
 def make_engine(model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float, max_grad_norm: float,

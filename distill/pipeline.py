@@ -27,7 +27,7 @@ from distill.losses.token_loss import PARAMETER
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import check_fits, estimate
 from distill.onpolicy import OnPolicyBatches
-from distill.parallel import Replicated, make_engine
+from distill.parallel import Replicated, check_available, make_engine
 from distill.plots import loss_curves
 from distill.release import CHECKSUMS, model_card, save_model_folder, write_release
 from distill.tracking import Tracker
@@ -60,6 +60,7 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     proc = processes(device)
+    check_available(cfg.parallel, proc)
     if proc.world == 1 and cfg.parallel.strategy != "ddp":
         print(f"warning: parallel={cfg.parallel.strategy} shards the student over several processes; this run has one, "
               "so it trains a whole replica (start several with accelerate launch)")

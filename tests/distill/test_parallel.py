@@ -8,7 +8,7 @@ from accelerate.utils import DistributedType
 from distill import distributed
 from distill.config import ConfigError, LossConfig, ParallelConfig
 from distill.distributed import Processes
-from distill.parallel import Replicated, _drop_parameters, _materialize_parameters, make_engine
+from distill.parallel import Replicated, _drop_parameters, _materialize_parameters, check_available, make_engine
 from distill.train import distillation_objective
 
 from conftest import scaled_model
@@ -50,3 +50,11 @@ def test_accelerate_sharding_plugins_are_refused_with_the_parallel_option_to_use
     monkeypatch.setattr("accelerate.Accelerator", Launched)
     with pytest.raises(ConfigError, match=f"conf/accelerate/multi_gpu.yaml .* set parallel={strategy}"):
         distributed.processes(torch.device("cpu"))
+
+
+def test_zero3_without_deepspeed_is_refused_before_the_run_starts(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "deepspeed" else object())
+    with pytest.raises(ConfigError, match=r"parallel=zero3 needs DeepSpeed, which is not installed: pip install"):
+        check_available(ParallelConfig(strategy="zero3"), Processes(rank=0, world=2))
+    check_available(ParallelConfig(strategy="fsdp2"), Processes(rank=0, world=2))
+    check_available(ParallelConfig(strategy="zero3"), Processes())  # one process: trains as ddp
