@@ -30,27 +30,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from distill.__main__ import load_config
-    from distill.data import Example, load_chat_dataset, load_tokenizer
-    from distill.pipeline import (_fit_offpolicy, build_student, evaluate_models, fill_teacher_outputs,
-                                  offpolicy_examples, tokenizer_name)
+    from distill.common.files import resolve_cache_dir
+    from distill.common.tracking import Tracker
+    from distill.data import Example, load_chat_dataset
     from distill.plots import loss_curves
-    from distill.tracking import Tracker
-    from teachers import embedded
-    from teachers.transformers_backend import TransformersTeacher
+    from distill.preflight import tokenizer_name
+    from distill.stages.evaluation import evaluate_models
+    from distill.stages.teacher import embedded_teacher
+    from distill.stages.teacher_outputs import fill_teacher_outputs, offpolicy_examples
+    from distill.stages.training import build_student, fit_offpolicy
+    from distill.students.tokenizer import load_tokenizer
+    from distill.teachers.transformers_backend import TransformersTeacher
 
     overrides = ["logger=none", f"pipeline.offpolicy.prompts={args.prompts}", f"students.dense.steps={args.steps}"]
-    cfg, _ = load_config(overrides + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else []))
+    cfg = load_config(overrides + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else []))
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    cache_dir = Path(cfg.cache_dir).expanduser()
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
     dataset = load_chat_dataset(cfg.data, cache_dir)
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch)
         tracker = Tracker(run_dir, logger="none")
-        model, folder, _ = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir,
-                                                  tracker, progress=True)
-        teacher = TransformersTeacher(model, tokenizer, name=f"embedded ({folder.name})", progress=True)
+        embedded = embedded_teacher(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir, tracker, True)
+        model = embedded.model
+        teacher = TransformersTeacher(model, tokenizer, name=embedded.name, progress=True)
         cached = offpolicy_examples(cfg, tokenizer, fill_teacher_outputs(cfg, teacher, dataset["train"], tracker,
-                                                                         run_dir, True), tracker)
+                                                                         run_dir / "teacher_outputs", True), tracker)
         live = {}
         for mode, items in cached.items():
             tops = teacher.top_k_logprobs([e.prompt for e in items], [e.response for e in items],
@@ -62,7 +66,7 @@ def main() -> None:
         students, curves, renamed = {}, {}, []
         for source, examples in (("cache", cached), ("live", live)):
             student = build_student(cfg.students["dense"], model, seed=cfg.seed)
-            records = _fit_offpolicy(cfg, "dense", student, examples, tokenizer,
+            records = fit_offpolicy(cfg, "dense", student, examples, tokenizer,
                                      Tracker(run_dir, logger="none", metrics_file=None), True)
             students[source] = student
             curves[source] = [(r["train/dense/step"], r["train/dense/kd_loss"]) for r in records]

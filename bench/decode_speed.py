@@ -26,12 +26,12 @@ def main() -> None:
 
     from transformers import GenerationConfig
 
-    import distill.generation as generation
-    from distill.chat import Sampling, render_prompt
-    from distill.tokenizer import build_tokenizer
-    from eval.tasks.arithmetic import generate_splits
-    from students.build import build_random
-    from students.presets import get_preset
+    import distill.students.generation as generation
+    from distill.eval.tasks.arithmetic import generate_splits
+    from distill.students.build import build_random
+    from distill.students.chat import Sampling, render_prompt
+    from distill.students.presets import get_preset
+    from distill.students.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     problems = generate_splits({"x": args.batch}, min_steps=3, max_steps=5, seed=0)["x"]

@@ -31,9 +31,9 @@ def make_models(folder: Path) -> None:
     """A ~0.7M-parameter student and a ~1.1M-parameter teacher (dense Qwen3), and the tokenizer."""
     import torch
 
-    from distill.tokenizer import build_tokenizer
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
+    from distill.students.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     for name, layers, seed in (("student", 4, 0), ("teacher", 7, 1)):
@@ -48,7 +48,7 @@ def make_models(folder: Path) -> None:
 
 def conversations(count: int) -> list[list[dict]]:
     """Built-in task problems with their reference replies (thinking mode), prompt + reply <= 128 tokens."""
-    from eval.tasks.arithmetic import generate_splits
+    from distill.eval.tasks.arithmetic import generate_splits
 
     problems = generate_splits({"train": count}, min_steps=2, max_steps=4, seed=7)["train"]
     return [p.messages(thinking=True) for p in problems]
@@ -105,13 +105,13 @@ def run_ours(lam: float, folder: str, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.chat import render_prompt, render_response
+    from distill.common.tracking import Tracker
     from distill.config import LossConfig, OnPolicyConfig
     from distill.data import Example, ModeAlternatingBatches
     from distill.onpolicy import OnPolicyBatches
-    from distill.tracking import Tracker
+    from distill.students.chat import render_prompt, render_response
+    from distill.teachers.transformers_backend import TransformersTeacher
     from distill.train import Schedule, distillation_objective, fit
-    from teachers.transformers_backend import TransformersTeacher
 
     tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "student")
     student = AutoModelForCausalLM.from_pretrained(Path(folder) / "student", dtype=torch.float32)

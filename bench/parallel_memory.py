@@ -114,9 +114,9 @@ def worker(args) -> None:
     from distill.config import LossConfig, ParallelConfig
     from distill.distributed import processes
     from distill.parallel import make_engine
+    from distill.students.build import build_random
+    from distill.students.presets import PRESETS
     from distill.train import distillation_objective
-    from students.build import build_random
-    from students.presets import PRESETS
 
     proc = processes(torch.device("cpu"))
     if args.worker == "zero3":
@@ -138,13 +138,10 @@ def worker(args) -> None:
         engine.zero_grad()
         loss, _ = engine.module(batch, proc.total(batch.num_targets) / proc.world)
         engine.backward(loss)
-        engine.clip(1.0)
-        if step == args.steps - 1:  # the state at its largest: gradients and moments both held
-            elapsed = time.perf_counter() - started
-            state = _state_mb(engine)
-            started = time.perf_counter() - elapsed
-        engine.update()
+        engine.step(1.0)
         times.append(time.perf_counter() - started)
+        if step == args.steps - 1:  # the state at its largest: gradients and moments both held
+            state = _state_mb(engine)
     # Each process's loss is its share of the step's: their sum is the step's loss.
     summed = torch.tensor([float(loss.detach())])
     torch.distributed.all_reduce(summed)

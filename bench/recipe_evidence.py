@@ -43,33 +43,38 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
 
     torch.set_num_threads(1)
     from distill.__main__ import load_config
-    from distill.data import load_chat_dataset, load_tokenizer, ModeAlternatingBatches
-    from distill.pipeline import (StudentData, _fit_offpolicy, _fit_onpolicy, build_student, eval_problems,
-                                  eval_sampling, offpolicy_examples, onpolicy_prompts, tokenizer_name)
-    from distill.tracking import Tracker
+    from distill.common.files import resolve_cache_dir
+    from distill.common.tracking import Tracker
+    from distill.data import ModeAlternatingBatches, load_chat_dataset
+    from distill.eval.backends import TransformersBackend
+    from distill.eval.harness import evaluate
+    from distill.preflight import tokenizer_name
+    from distill.stages.evaluation import eval_problems, eval_sampling, scorer
+    from distill.stages.teacher import embedded_teacher
+    from distill.stages.teacher_outputs import offpolicy_examples
+    from distill.stages.training import StudentData, build_student, fit_offpolicy, fit_onpolicy, onpolicy_prompts
+    from distill.students.tokenizer import load_tokenizer
+    from distill.teachers.transformers_backend import TransformersTeacher
     from distill.train import Schedule, cross_entropy_objective, fit
-    from eval.backends import TransformersBackend
-    from eval.harness import evaluate
-    from teachers import embedded
-    from teachers.transformers_backend import TransformersTeacher
 
     offpolicy_steps = args.updates - (args.onpolicy if arm == "recipe" else 0)
-    cfg, _ = load_config(setting_overrides(args) + [f"students.moe.steps={offpolicy_steps}",
+    cfg = load_config(setting_overrides(args) + [f"students.moe.steps={offpolicy_steps}",
                                                     f"pipeline.offpolicy.seed={seed}",
                                                     f"pipeline.onpolicy.steps={max(1, args.onpolicy)}",
                                                     f"pipeline.onpolicy.seed={seed}"])
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "distill"
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
     dataset = load_chat_dataset(cfg.data, cache_dir)
     scratch = Path(outputs) / f"{arm}-{seed}"
     scratch.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(scratch, logger="none", metrics_file=None)
-    model, folder, _ = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir, tracker,
-                                              progress=False)
-    teacher = TransformersTeacher(model.eval(), tokenizer, name=folder.name, progress=False)
+    embedded = embedded_teacher(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir, tracker, False)
+    model = embedded.model
+    teacher = TransformersTeacher(model, tokenizer, name=Path(embedded.folder).name, progress=False)
     examples = offpolicy_examples(cfg, tokenizer, Path(outputs) / "teacher_outputs", tracker)
     student = build_student(cfg.students["moe"], model, seed=seed)
-    problems, score = eval_problems(cfg, dataset["test"].select(range(min(args.problems, len(dataset["test"])))))
+    problems = eval_problems(dataset["test"].select(range(min(args.problems, len(dataset["test"])))))
+    score = scorer(cfg)
 
     def scores(prefix: str = "") -> dict:
         results = evaluate(TransformersBackend(student, tokenizer, name=arm, progress=False), problems, score,
@@ -86,13 +91,13 @@ def train_and_eval(args, arm: str, seed: int, outputs: str) -> dict:
             Schedule(steps=args.updates, lr=cfg.students["moe"].lr or stage.lr, warmup_steps=stage.warmup_steps),
             tracker=tracker, prefix="train/moe", desc="sft", progress=False)
     else:
-        _fit_offpolicy(cfg, "moe", student, examples, tokenizer, tracker, False)
+        fit_offpolicy(cfg, "moe", student, examples, tokenizer, tracker, False)
         if arm == "recipe":
             pause = time.perf_counter()
             before = scores("before_onpolicy/")   # the same student at the stage boundary
             started += time.perf_counter() - pause
             data = StudentData(examples=examples, onpolicy_prompts=onpolicy_prompts(cfg, dataset["train"]))
-            _fit_onpolicy(cfg, "moe", student, data, tokenizer, teacher, tracker, False)
+            fit_onpolicy(cfg, "moe", student, data, tokenizer, teacher, tracker, False)
     seconds = time.perf_counter() - started
     return {"arm": arm, "seed": seed, "updates": args.updates, "onpolicy_steps": args.onpolicy if arm == "recipe" else 0,
             "train_seconds": round(seconds, 1), **scores(), **before}
@@ -104,21 +109,23 @@ def fill_cache(args, outputs: str) -> None:
 
     torch.set_num_threads(2)
     from distill.__main__ import load_config
-    from distill.data import load_chat_dataset, load_tokenizer
-    from distill.pipeline import fill_teacher_outputs, tokenizer_name
-    from distill.tracking import Tracker
-    from teachers import embedded
-    from teachers.transformers_backend import TransformersTeacher
+    from distill.common.files import resolve_cache_dir
+    from distill.common.tracking import Tracker
+    from distill.data import load_chat_dataset
+    from distill.preflight import tokenizer_name
+    from distill.stages.teacher import embedded_teacher
+    from distill.stages.teacher_outputs import fill_teacher_outputs, outputs_dir
+    from distill.students.tokenizer import load_tokenizer
+    from distill.teachers.transformers_backend import TransformersTeacher
 
-    cfg, _ = load_config(setting_overrides(args) + [f"pipeline.offpolicy.teacher_outputs={outputs}/teacher_outputs"])
+    cfg = load_config(setting_overrides(args) + [f"pipeline.offpolicy.teacher_outputs={outputs}/teacher_outputs"])
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "distill"
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
     dataset = load_chat_dataset(cfg.data, cache_dir)
     tracker = Tracker(Path(outputs), logger="none", metrics_file=None)
-    model, folder, _ = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir, tracker,
-                                              progress=True)
-    teacher = TransformersTeacher(model.eval(), tokenizer, name=f"embedded tiny Qwen3-MoE teacher ({folder.name})")
-    fill_teacher_outputs(cfg, teacher, dataset["train"], tracker, Path(outputs), True)
+    embedded = embedded_teacher(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir, tracker, True)
+    teacher = TransformersTeacher(embedded.model, tokenizer, name=embedded.name)
+    fill_teacher_outputs(cfg, teacher, dataset["train"], tracker, outputs_dir(cfg, Path(outputs)), True)
 
 
 def table(rows: list[dict]) -> str:

@@ -36,24 +36,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from distill.__main__ import load_config
-    from distill.chat import MODE_SAMPLING, MODES, render_prompt
-    from distill.data import load_chat_dataset, load_tokenizer, prompt_messages
-    from distill.pipeline import tokenizer_name
-    from distill.tracking import Tracker
-    from teachers import embedded
-    from teachers.cache import CacheSpec, prompts_hash, read_cache, tokenizer_hash, write_cache
-    from teachers.transformers_backend import TransformersTeacher
-    from teachers.vllm_backend import VLLMTeacher
-    from teachers.vllm_server import VLLMServer
+    from distill.common.files import resolve_cache_dir
+    from distill.common.tracking import Tracker
+    from distill.data import load_chat_dataset
+    from distill.preflight import tokenizer_name
+    from distill.stages.teacher import embedded_teacher
+    from distill.students.chat import MODE_SAMPLING, MODES, prompt_messages, render_prompt
+    from distill.students.tokenizer import load_tokenizer
+    from distill.students.vllm_server import VLLMServer
+    from distill.teachers.cache import CacheSpec, prompts_hash, read_cache, tokenizer_hash, write_cache
+    from distill.teachers.transformers_backend import TransformersTeacher
+    from distill.teachers.vllm_backend import VLLMTeacher
 
     overrides = ["logger=none"] + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
-    cfg, _ = load_config(overrides)
+    cfg = load_config(overrides)
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    cache_dir = Path(cfg.cache_dir).expanduser()
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
     dataset = load_chat_dataset(cfg.data, cache_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        model, folder, _ = embedded.load_or_train(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir,
-                                                  Tracker(Path(scratch), logger="none"), progress=True)
+        embedded = embedded_teacher(cfg.teacher, cfg.data, tokenizer, dataset["train"], cache_dir,
+                                    Tracker(Path(scratch), logger="none"), True)
+    model, folder = embedded.model, Path(embedded.folder)
     rows = dataset["train"].select(range(args.prompts))
     prompts = {mode: [render_prompt(tokenizer, prompt_messages(m), mode) for m in rows["messages"]] for mode in MODES}
     k_max = max(args.k)
@@ -102,10 +105,10 @@ def cache_fidelity(model, examples: dict, real_vocab: int) -> dict:
             logits = model(ids).logits[0, len(e.prompt) - 1:len(e.prompt) + len(e.response) - 1, :real_vocab]
             p = torch.softmax(logits.double(), -1)
             kept = torch.zeros_like(p)
-            top = e.topk_logprobs.double().exp()
+            top = e.top.logprobs.double().exp()
             tail = (1 - top.sum(-1, keepdim=True)).clamp(min=0)
             kept += tail / (real_vocab - top.shape[-1])  # the tail, spread evenly over the other tokens
-            kept.scatter_(-1, e.topk_ids.long(), top)
+            kept.scatter_(-1, e.top.ids.long(), top)
             kls.append((p * (p.clamp(min=1e-300).log() - kept.clamp(min=1e-300).log())).sum(-1))
             masses.append(top.sum(-1))
     kl, mass = torch.cat(kls), torch.cat(masses)

@@ -1,2 +1,22 @@
-"""distill: strong-to-weak knowledge distillation for Qwen3 students (entry point, stages,
-losses, training loop). Run `python -m distill --help`."""
+"""distill: strong-to-weak knowledge distillation for Qwen3 students. `python -m distill --help`.
+
+This folder is the roof: the entry point, the pipeline's stages, the losses and the training
+loop. The layers below it are the repository's other top-level folders, and they import as
+subpackages of this one, so that an installed copy takes the one name `distill`:
+
+    distill.common    <- common/     errors, files, run logs, typed config, the command line
+    distill.students  <- students/   the Qwen3 family: sizes, building, tokenizer, chat, decoding
+    distill.teachers  <- teachers/   teacher backends and the teacher-output cache
+    distill.eval      <- eval/       the eval harness and its tasks (`python -m distill.eval`)
+    distill.conf      <- conf/       the Hydra YAML
+
+Imports run one way, down that list read bottom-up: nothing below this folder imports it
+(tests/test_layering.py). A wheel places the folders inside this package (setup.py); in a
+checkout they stay where they are, and the one line below lets Python find them there.
+"""
+
+from pathlib import Path as _Path
+
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "students").is_dir() and (_checkout / "students" / "presets.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821 - a package's module search path

@@ -4,10 +4,10 @@ A checkpoint is a folder `step-000120/` holding everything the next step depends
 
 - `model.safetensors`: the weights (safetensors, never pickle), whole even when the processes
   train shards of them (gathered first);
-- `optimizer.pt`: the AdamW state and the torch RNG state, tensors and numbers only, read back
-  with `torch.load(weights_only=True)`;
-- `zero3-rankNNNNN-of-NNNNN.pt` (parallel=zero3 only): each process's partition of the fp32
-  weights and AdamW state, tensors and numbers only;
+- `optimizer.pt` (ddp, fsdp2): the whole AdamW state, or `zero3-rankNNNNN-of-NNNNN.pt` (zero3):
+  each process's partition of the fp32 weights and AdamW state; tensors and numbers only, read
+  back with `torch.load(weights_only=True)`; the engine (distill/parallel.py) writes these;
+- `rng.pt`: the torch RNG state;
 - `state.json`: the step, the batch stream's position (its shuffling RNG and queues), the metric
   accumulators and the records logged so far.
 
@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from distill.files import atomic_write_text
+from distill.common.files import atomic_write_text
+from distill.parallel import Engine
 
 LATEST = "latest"
+RNG_FILE = "rng.pt"
 
 
 class StepCheckpoints:
@@ -45,9 +47,9 @@ class StepCheckpoints:
         output takes over there.)"""
         return step % self.every == 0 and step < steps
 
-    def save(self, step: int, engine, state: dict) -> Path | None:
-        """Every process calls this; `engine` (distill/parallel.py) gathers what is sharded, and
-        each process writes its own part, if it has one, into the staging folder."""
+    def save(self, step: int, engine: Engine, state: dict) -> Path | None:
+        """Every process calls this; the engine gathers what is sharded, and each process writes
+        its own part, if it has one, into the staging folder."""
         name = f"step-{step:06d}"
         staging = self.folder / f".{name}.partial"
         if self.writer:
@@ -55,13 +57,11 @@ class StepCheckpoints:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         self.barrier()
-        engine.write_shard(staging)
-        engine.write_weights(staging / "model.safetensors", write=self.writer)
-        optimizer = engine.optimizer_state()
+        engine.save(staging, write=self.writer)
         self.barrier()
         if not self.writer:
             return None
-        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
+        torch.save(torch.get_rng_state(), staging / RNG_FILE)
         (staging / "state.json").write_text(json.dumps({"step": step, **state}))
         final = self.folder / name
         shutil.rmtree(final, ignore_errors=True)
@@ -78,15 +78,12 @@ class StepCheckpoints:
         folder = self.folder / pointer.read_text().strip()
         return folder if (folder / "state.json").exists() else None
 
-    def restore(self, engine) -> dict | None:
+    def restore(self, engine: Engine) -> dict | None:
         """Load the newest checkpoint into the engine's model and optimizer; returns its state
         (None: none yet)."""
         folder = self.latest()
         if folder is None:
             return None
-        engine.read_weights(folder / "model.safetensors")
-        saved = torch.load(folder / "optimizer.pt", weights_only=True)
-        engine.load_optimizer_state(saved["optimizer"])
-        engine.read_shard(folder)
-        torch.set_rng_state(saved["torch_rng"])
+        engine.load(folder)
+        torch.set_rng_state(torch.load(folder / RNG_FILE, weights_only=True))
         return json.loads((folder / "state.json").read_text())

@@ -1,5 +1,7 @@
 """Typed run configuration: the composed Hydra config is validated into these dataclasses.
 
+These dataclasses hold every default (conf/ holds only which options a run picks and what each
+option changes; a test checks that composing conf/ with no overrides gives exactly `Config()`).
 Hydra stays at the edge (distill/__main__.py composes); everything below it receives plain
 dataclasses. Validation is strict: an unknown key, a wrong type or an unknown choice raises
 `ConfigError` with one line naming the key and the valid choices.
@@ -7,17 +9,14 @@ dataclasses. Validation is strict: an unknown key, a wrong type or an unknown ch
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from distill.errors import UserError
-from students.presets import PRESETS, Architecture
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem, reported as one line naming the key and the fix."""
+from distill.common.errors import ConfigError
+from distill.common.tracking import WandbConfig
+from distill.common.typed_config import build_dataclass, with_defaults
+from distill.eval.tasks.arithmetic import BUILTIN_SOURCE, ArithmeticConfig
+from distill.students.presets import PRESETS, Architecture
 
 
 @dataclass
@@ -58,7 +57,7 @@ class TeacherConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     # Who produces the teacher's outputs: the in-process model, or a vLLM server: the one at
-    # `url`, or one started for the run on the teacher's folder (teachers/install_vllm.sh).
+    # `url`, or one started for the run on the teacher's folder (students/install_vllm.sh).
     # In process: bitsandbytes 8-bit / 4-bit (NF4) weights, and an accelerate device map
     # ("auto" shards a teacher larger than one device across the visible ones).
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -69,24 +68,13 @@ class TeacherConfig:
 
 
 @dataclass
-class ArithmeticConfig:
-    min_steps: int = 3          # operations per chain: the difficulty knob
-    max_steps: int = 5
-    modulus: int = 10
-    ops: str = "+*"
-    train_size: int = 50000
-    validation_size: int = 500
-    test_size: int = 500
-    seed: int = 1234
-
-
-@dataclass
 class DataConfig:
     # "builtin:arithmetic", a .jsonl/.json/.parquet file, or a hub dataset name; rows need a
     # `messages` column (chat turns) and, for scoring, an `answer` column.
-    source: str = "builtin:arithmetic"
-    # "builtin" (the byte-level tokenizer of the built-in task), or a path / hub name.
-    tokenizer: str = "builtin"
+    source: str = BUILTIN_SOURCE
+    # auto: the built-in byte-level tokenizer for the embedded teacher, the teacher's own
+    # otherwise; or "builtin", or a path / hub name.
+    tokenizer: str = "auto"
     messages_column: str = "messages"
     answer_column: str = "answer"
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
@@ -138,8 +126,6 @@ class OffPolicyConfig:
     # resumed) by later runs with the same teacher, prompts and sampling.
     teacher_outputs: str = ""
     shard_size: int = 256       # prompts per shard: the unit of work and of resumption
-    worker: int = 0             # with workers > 1, this process produces shards worker, worker + workers, ...
-    workers: int = 1
 
 
 @dataclass
@@ -193,18 +179,10 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["teacher", "offpolicy", "eval", "release"])
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
     offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-@dataclass
-class WandbConfig:
-    project: str = "distill"
-    entity: str | None = None
-    # auto: online when an API key is configured, offline otherwise.
-    mode: Literal["auto", "online", "offline"] = "auto"
 
 
 @dataclass
@@ -229,13 +207,14 @@ class ParallelConfig:
 
 @dataclass
 class Config:
-    students: dict[str, StudentConfig]
-    teacher: TeacherConfig
-    data: DataConfig
-    loss: LossConfig
-    pipeline: PipelineConfig
-    run_dir: str | None = None
-    cache_dir: str | None = None
+    # The students this run trains, by name (the default pair: `default_students`).
+    students: dict[str, StudentConfig] = field(default_factory=lambda: default_students())
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    run_dir: str | None = None          # default: runs/<YYYYmmdd-HHMMSS>
+    cache_dir: str | None = None        # default: $DISTILL_CACHE or ~/.cache/distill (datasets, teachers)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0            # torch intra-op threads; 0 = one per core
@@ -248,44 +227,77 @@ class Config:
     checkpoint_every: int = 100
     checkpoint_keep: int = 2
     resume: bool = False
-    # `+student=NAME` on the command line: replaces the default `students` with this one.
+    # `+student=NAME` on the command line: one student of that preset instead of the `students`
+    # pair, set as student.FIELD (student.steps=30); it trains under the preset's name.
     student: StudentConfig | None = None
 
 
 STAGES = ("teacher", "teacher_outputs", "offpolicy", "onpolicy", "eval", "release")
 
 
-def student_node(preset: str) -> dict:
-    """The config node of `student=<preset>`: the preset's architecture fields, and init."""
+def default_students() -> dict[str, StudentConfig]:
+    """The embedded default's pair. The dense one starts from the teacher's attention, norms and
+    embeddings (its MLPs are new: a MoE teacher has no dense MLP to give); the MoE one is the
+    tiny-moe preset at half width, from random init."""
     return {
-        "preset": preset,
-        "architecture": PRESETS[preset].to_dict(),
-        "init": "random",
-        "pretrained": None,
-        "teacher_layers": None,
-        "teacher_experts": None,
-        "steps": None,
-        "lr": None,
+        "dense": StudentConfig(preset="tiny", architecture=PRESETS["tiny"], init="teacher",
+                               teacher_layers=[0, 1, 2, 3], steps=600),
+        "moe": StudentConfig(preset="tiny-moe", architecture=PRESETS["tiny-moe"].override(
+            hidden_size=64, head_dim=16, moe_intermediate_size=64), lr=4e-3),
     }
 
 
+def hydra_nodes() -> dict[str, dict[str, dict]]:
+    """Config-store entries made from Python, so the size table and the default pair exist once:
+    group `student` (one option per preset, for `+student=NAME`) and group `students` (`pair`,
+    which conf/config.yaml picks)."""
+    return {"student": {name: _plain(asdict(StudentConfig(preset=name, architecture=arch)))
+                        for name, arch in PRESETS.items()},
+            "students": {"pair": {name: _plain(asdict(s)) for name, s in default_students().items()}}}
+
+
+def _plain(node):
+    """Tuples as lists: what YAML and OmegaConf hold."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    return [_plain(v) for v in node] if isinstance(node, (list, tuple)) else node
+
+
+def printable(config: Config) -> dict:
+    """The validated config as it can be overridden: with +student=NAME, the one student at
+    `student` (student.steps=30), not the pair it replaced."""
+    shown = _plain(asdict(config))
+    del shown["students" if config.student is not None else "student"]
+    return shown
+
+
+def _student_key(config: Config, name: str) -> str:
+    return "student" if config.student is not None else f"students.{name}"
+
+
 def validate(raw: dict) -> Config:
-    """Turn the composed config (plain containers) into a checked `Config`."""
-    config = build_dataclass(Config, raw)
+    """Turn the composed config (plain containers, over the dataclass defaults) into a checked
+    `Config`."""
+    if raw.get("student") is not None and "preset" not in raw["student"]:
+        raise ConfigError("student.FIELD sets the student of +student=NAME: add +student=NAME (e.g. +student=0.6b), "
+                          "or set students.dense.FIELD / students.moe.FIELD of the default pair")
+    config = build_dataclass(Config, with_defaults(Config, raw))
     if config.data.source == "???":
         raise ConfigError("data.source is required for data=messages (a .jsonl/.parquet file or a hub dataset name)")
     if config.student is not None:
         config.students = {config.student.preset: config.student}
-        config.student = None
     if not config.students:
-        raise ConfigError("no students: set students (default: tiny and tiny-moe) or add +student=NAME")
+        raise ConfigError("no students: keep the default pair (students.dense, students.moe) or add +student=NAME")
     for name, student in config.students.items():
+        key = _student_key(config, name)
         if student.preset not in PRESETS:
-            raise ConfigError(f"students.{name}.preset: unknown size '{student.preset}'; valid: {', '.join(PRESETS)}")
+            raise ConfigError(f"{key}.preset: unknown size '{student.preset}'; valid: {', '.join(PRESETS)}")
         if student.init == "pretrained" and not student.pretrained:
-            raise ConfigError(f"students.{name}: init=pretrained needs students.{name}.pretrained=PATH_OR_HUB_NAME")
+            raise ConfigError(f"{key}: init=pretrained needs {key}.pretrained=PATH_OR_HUB_NAME")
         if student.init == "teacher" and student.teacher_layers is None:
-            raise ConfigError(f"students.{name}: init=teacher needs students.{name}.teacher_layers=[i,j,...]")
+            raise ConfigError(f"{key}: init=teacher needs {key}.teacher_layers=[i,j,...]")
+        if student.steps is not None and student.steps <= 0:
+            raise ConfigError(f"{key}.steps must be positive, got {student.steps} (null: pipeline.offpolicy.steps)")
     if config.teacher.preset not in PRESETS:
         raise ConfigError(f"teacher.preset: unknown size '{config.teacher.preset}'; valid: {', '.join(PRESETS)}")
     if config.teacher.kind == "transformers" and config.teacher.model in (None, "", "???"):
@@ -303,7 +315,7 @@ def validate(raw: dict) -> Config:
     if config.teacher.serve == "vllm" and config.teacher.kind == "transformers":
         for name, student in config.students.items():
             if student.init == "teacher":
-                raise ConfigError(f"students.{name}.init=teacher needs the teacher in process; with teacher.serve=vllm "
+                raise ConfigError(f"{_student_key(config, name)}.init=teacher needs the teacher in process; with teacher.serve=vllm "
                                   "only its server is used: start the student from random init or a checkpoint")
     if config.resume and not config.run_dir:
         raise ConfigError("resume=true continues a run: give its folder with run_dir=PATH")
@@ -321,9 +333,6 @@ def validate(raw: dict) -> Config:
                           "pipeline.onpolicy.temperature=1 top_p=1 sample_top_k=0, or use estimator=full")
     if not 0 < onpolicy.top_p <= 1 or onpolicy.temperature <= 0 or onpolicy.sample_top_k < 0:
         raise ConfigError("pipeline.onpolicy: need temperature > 0, 0 < top_p <= 1 and sample_top_k >= 0")
-    offpolicy = config.pipeline.offpolicy
-    if not 0 <= offpolicy.worker < max(1, offpolicy.workers):
-        raise ConfigError(f"pipeline.offpolicy.worker={offpolicy.worker} must lie in [0, workers={offpolicy.workers})")
     _check_positive(config)
     return config
 
@@ -336,7 +345,6 @@ def _check_positive(config: Config) -> None:
         "pipeline.offpolicy.top_k": config.pipeline.offpolicy.top_k,
         "pipeline.offpolicy.prompts": config.pipeline.offpolicy.prompts,
         "pipeline.offpolicy.shard_size": config.pipeline.offpolicy.shard_size,
-        "pipeline.offpolicy.workers": config.pipeline.offpolicy.workers,
         "pipeline.offpolicy.max_new_tokens": config.pipeline.offpolicy.max_new_tokens,
         "pipeline.onpolicy.steps": config.pipeline.onpolicy.steps,
         "pipeline.onpolicy.batch_size": config.pipeline.onpolicy.batch_size,
@@ -357,79 +365,3 @@ def _check_positive(config: Config) -> None:
     for key, value in checks.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-
-
-# --- strict conversion of plain containers into dataclasses -------------------------------
-
-def build_dataclass(cls, raw: dict):
-    """`cls` from plain containers; an unknown key or a wrong type raises a one-line ConfigError."""
-    return _build(cls, raw, "")
-
-
-def _build(cls, data: Any, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"unknown config key '{key}'; valid keys{' in ' + path if path else ''}: {', '.join(known)}")
-    values = {}
-    for name, spec in known.items():
-        key = f"{path}.{name}" if path else name
-        if name in data:
-            values[name] = _convert(hints[name], data[name], key)
-        elif spec.default is MISSING and spec.default_factory is MISSING:
-            raise ConfigError(f"missing config key '{key}'")
-    return cls(**values)
-
-
-def _convert(kind, value: Any, key: str):
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _convert(option, value, key)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: '{value}' is not a valid choice; valid: {', '.join(map(str, args))}")
-        return value
-    if is_dataclass(kind):
-        return _build(kind, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        item = args[0]
-        converted = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return converted if origin is list else tuple(converted)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if kind is Any:
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {kind}")

@@ -1,48 +1,31 @@
 """Datasets and token batches.
 
 Every source goes through `datasets`: the built-in arithmetic task is written once as JSONL
-files (train/validation/test) and loaded exactly like a user's JSONL/Parquet file or hub
-dataset with a `messages` column. `TokenBatch` is what the training loop consumes.
+files (train/validation/test, eval/tasks/arithmetic.py) and loaded exactly like a user's
+JSONL/Parquet file or hub dataset with a `messages` column. `TokenBatch` is what the training
+loop consumes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from distill.config import ConfigError, DataConfig
-from distill.errors import first_line
-from distill.tokenizer import build_tokenizer
-from eval.tasks import arithmetic
-
-BUILTIN_ARITHMETIC = "builtin:arithmetic"
-SPLITS = ("train", "validation", "test")
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The built-in byte-level tokenizer, or a real model's own (path or hub name)."""
-    if name == "builtin":
-        return build_tokenizer()
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load tokenizer '{name}' ({first_line(error)}); give a local folder "
-                          "saved by save_pretrained, or a hub name with network access") from None
+from distill.common.errors import ConfigError, first_line
+from distill.config import DataConfig
+from distill.eval.tasks.arithmetic import BUILTIN_SOURCE, write_splits
+from distill.students.chat import prompt_messages, render_prompt
 
 
 def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
     """The train/validation/test splits with a `messages` column (and `answer` when present)."""
-    if cfg.source == BUILTIN_ARITHMETIC:
-        data_files = write_builtin_arithmetic(cfg, cache_dir)
-        loaded = datasets.load_dataset("json", data_files=data_files)
+    if cfg.source == BUILTIN_SOURCE:
+        loaded = datasets.load_dataset("json", data_files=write_splits(cfg.arithmetic, cache_dir))
     else:
         loaded = _load_user_dataset(cfg.source, cfg.messages_column)
     if cfg.messages_column != "messages":
@@ -52,7 +35,7 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
     for split in loaded:
         if len(loaded[split]) == 0:
             raise ConfigError(f"dataset '{cfg.source}' split '{split}' is empty")
-    if cfg.source != BUILTIN_ARITHMETIC:
+    if cfg.source != BUILTIN_SOURCE:
         loaded = datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'",
                                                              malformed_reason, cfg.max_malformed)
                                        for split, rows in loaded.items()})
@@ -91,12 +74,12 @@ def drop_malformed(rows: datasets.Dataset, what: str, reason, threshold: float) 
     return rows.select(sorted(keep))
 
 
-def drop_long_prompts(loaded: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                      render) -> datasets.DatasetDict:
+def drop_long_prompts(loaded: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase,
+                      cfg: DataConfig) -> datasets.DatasetDict:
     """Rows whose prompt leaves no room for a reply within data.max_length, counted and skipped
-    like malformed rows (render(tokenizer, messages, mode) gives the prompt ids)."""
+    like malformed rows."""
     def too_long(row):
-        length = len(render(tokenizer, prompt_messages(row["messages"]), "think"))
+        length = len(render_prompt(tokenizer, prompt_messages(row["messages"]), "think"))
         return None if length < cfg.max_length - 1 else (f"its prompt is {length} tokens, data.max_length is "
                                                            f"{cfg.max_length}; raise data.max_length")
     return datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'", too_long,
@@ -134,41 +117,6 @@ def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDic
         held = loaded["train"].train_test_split(test_size=min(500, max(1, len(loaded["train"]) // 10)), seed=0)
         loaded = datasets.DatasetDict(train=held["train"], test=held["test"])
     return loaded
-
-
-def write_builtin_arithmetic(cfg: DataConfig, cache_dir: Path) -> dict[str, str]:
-    """Generate the built-in task's splits once per setting; returns {split: jsonl path}."""
-    settings = asdict(cfg.arithmetic)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir / "data" / f"arithmetic-{key}"
-    files = {split: str(folder / f"{split}.jsonl") for split in SPLITS}
-    if all(Path(f).exists() for f in files.values()):
-        return files
-    a = cfg.arithmetic
-    splits = arithmetic.generate_splits(
-        {"train": a.train_size, "validation": a.validation_size, "test": a.test_size},
-        min_steps=a.min_steps, max_steps=a.max_steps, modulus=a.modulus, ops=a.ops, seed=a.seed,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, problems in splits.items():
-        tmp = folder / f".{split}.jsonl.tmp-{os.getpid()}"
-        with open(tmp, "w") as handle:
-            for problem in problems:
-                handle.write(json.dumps({"messages": problem.messages(thinking=True), "answer": problem.answer}) + "\n")
-        os.replace(tmp, files[split])  # atomic: a reader never sees half a split
-    return files
-
-
-def prompt_messages(messages: list[dict]) -> list[dict]:
-    """The conversation up to (not including) its final assistant turn."""
-    end = len(messages)
-    while end and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    return [{"role": m["role"], "content": m["content"]} for m in messages[:end]]
-
-
-def reference_reply(messages: list[dict]) -> str | None:
-    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
 
 
 @dataclass

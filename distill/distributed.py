@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from distill.config import ConfigError
+from distill.common.errors import ConfigError
 
 
 @dataclass

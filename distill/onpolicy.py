@@ -21,10 +21,10 @@ import random
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import MODES, Sampling, render_prompt
 from distill.config import OnPolicyConfig
 from distill.data import Example, TokenBatch, collate, rng_from_state, rng_state
-from distill.generation import generate
+from distill.students.chat import MODES, Sampling, render_prompt
+from distill.students.generation import generate
 
 
 class PromptMismatch(RuntimeError):

@@ -19,6 +19,11 @@ global gradient clipping. accelerate starts the processes and the process group;
 done here by torch or DeepSpeed themselves, because accelerate's FSDP and DeepSpeed plugins do
 nothing on a CPU (FSDP silently becomes DDP), and the CI tests run on CPUs.
 
+Each is an `Engine`: one interface, whose methods do what their names say, called by the
+training loop (distill/train.py) in this order each step: `set_lr`, `zero_grad`, then per
+micro-batch `module(batch, normaliser)` and `backward(loss)`, then `step(max_grad_norm)`; step
+checkpoints call `save` and `load`.
+
 While a sharded stage trains, the student object the pipeline holds keeps no weights (they live
 in the shards); `full_weights_in(student)` gathers the current weights into it (for on-policy
 rollouts, which every process samples on its own), and `finish()` leaves the trained weights
@@ -32,13 +37,59 @@ import copy
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from distill.config import ConfigError, ParallelConfig
+from distill.common.errors import ConfigError, UserError
+from distill.config import ParallelConfig
 from distill.distributed import Processes
-from distill.errors import UserError
+
+WEIGHTS_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+
+
+class Engine(Protocol):
+    """How the processes of a stage hold and update the student."""
+
+    module: torch.nn.Module   # `module(batch, normaliser)` -> (loss, metrics): the student and its loss
+    device: torch.device
+    sharded: bool             # each process holds only a part of the parameters
+
+    def held_fraction(self) -> float:
+        """The share of the student's parameter elements this process holds while training."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro-batch's loss."""
+
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        """The optimizer step: gradients averaged over the processes, clipped to `max_grad_norm`
+        (global norm), applied by AdamW. Returns the global norm before clipping; a non-finite
+        norm means the gradients were not applied (ZeRO-3 excepted: DeepSpeed measures the norm
+        inside its update, so there it reports after applying)."""
+
+    def nonfinite_gradients(self) -> list[str]:
+        """Names of the parameters whose gradients this process holds and are not finite."""
+
+    def full_weights_in(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """`model` holding the current weights, whole, for the block (rollouts, periodic eval)."""
+
+    def finish(self) -> torch.nn.Module:
+        """End of the stage: the student object holds the trained weights for good; returns it."""
+
+    def save(self, folder: Path, write: bool) -> None:
+        """Write the training state into a checkpoint folder. Every process calls it (gathering
+        sharded weights is a collective); `write` is false on the processes that take part
+        without writing the shared files."""
+
+    def load(self, folder: Path) -> None:
+        """Restore the training state `save` wrote (every process)."""
+
+
 
 class ObjectiveModule(torch.nn.Module):
     """The model plus its loss: `forward(batch, normaliser)` returns `objective(model, batch,
@@ -67,6 +118,11 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 class Replicated:
     """`ddp`: the whole model on every process; gradients all-reduced before the update."""
 
@@ -80,8 +136,7 @@ class Replicated:
         self.optimizer = _adamw(_param_groups(model, weight_decay), lr)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        _set_lr(self.optimizer, lr)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -89,100 +144,72 @@ class Replicated:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        """Average the gradients over the processes, clip them; returns the global norm."""
+    def step(self, max_grad_norm: float) -> torch.Tensor:
         self.proc.average_gradients(self.model)
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-
-    def update(self) -> None:
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        return norm
 
     def nonfinite_gradients(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
 
-    # Checkpoints: the weights as safetensors, the optimizer state as tensors and numbers.
-    def write_weights(self, path: Path, write: bool) -> None:
-        if write:
-            save_model(self.model, str(path))
-
-    def read_weights(self, path: Path) -> None:
-        load_model(self.model, str(path))
-
-    def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def write_shard(self, folder: Path) -> None:
-        """This process's own part of a checkpoint (only ZeRO-3 has one)."""
-
-    def read_shard(self, folder: Path) -> None:
-        pass
-
     @contextlib.contextmanager
     def full_weights_in(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        yield self.model
+        yield self.model  # the student object itself: it always holds the current weights
 
     def finish(self) -> torch.nn.Module:
         return self.model
 
     def held_fraction(self) -> float:
-        """The share of the student's parameter elements this process holds while training."""
         return 1.0
 
+    # Checkpoints: the weights as safetensors, the AdamW state as tensors and numbers.
+    def save(self, folder: Path, write: bool) -> None:
+        if write:
+            save_model(self.model, str(folder / WEIGHTS_FILE))
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
-class _Sharded(Replicated):
-    """What FSDP2 and ZeRO-3 share: the student's weights move into a working copy that the
-    engine shards, and come back into the student object when asked."""
+    def load(self, folder: Path) -> None:
+        load_model(self.model, str(folder / WEIGHTS_FILE))
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
 
-    sharded = True
 
-    def _take_weights(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `model` that owns its parameters, with `model` left holding none (they are
-        on the meta device), so only the shards hold memory once the copy is sharded. The copy
-        shares the parameter tensors instead of duplicating them, so no second full copy exists."""
-        self.home, self.device = model, next(model.parameters()).device
+class HomeModel:
+    """What the sharding engines share: the student object whose weights move out into a working
+    copy the engine shards while the stage trains, and come back into it when asked."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.device = model, next(model.parameters()).device
+        # The copy shares the parameter tensors instead of duplicating them, so no second full
+        # copy exists; the student object is then left holding none (on the meta device), so
+        # only the shards hold memory once the copy is sharded.
         shared = {id(p): p for p in model.parameters()}
-        working = copy.deepcopy(model, memo=dict(shared))
+        self.working = copy.deepcopy(model, memo=dict(shared))
         _drop_parameters(model)
-        return working
 
-    def _full_state(self, rank0_only: bool) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _restore_into(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        _materialize_parameters(model, self.device)
-        missing = {k for k, _ in model.named_parameters() if k not in state}
-        if missing:
-            raise RuntimeError(f"gathered weights lack {sorted(missing)[:3]}")
-        model.load_state_dict(state, strict=False)
+    def fill(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Give `model` (the student object, or a like one) the gathered weights `state`."""
+        with torch.no_grad():
+            _materialize_parameters(model, self.device)
+            missing = {k for k, _ in model.named_parameters() if k not in state}
+            if missing:
+                raise RuntimeError(f"gathered weights lack {sorted(missing)[:3]}")
+            model.load_state_dict(state, strict=False)
 
     @contextlib.contextmanager
-    def full_weights_in(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """The student object with the current weights for the duration (every process gathers
-        them all: on-policy rollouts are sampled by each process on its own, with no collective
-        per token); emptied again afterwards."""
-        with torch.no_grad():
-            self._restore_into(model, self._full_state(rank0_only=False))
+    def filled(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+        """`model` holding `state` for the block, emptied again afterwards. (Every process gathers
+        the weights whole: on-policy rollouts are sampled by each process on its own, with no
+        collective per token.)"""
+        self.fill(model, state)
         try:
             yield model
         finally:
             _drop_parameters(model)
 
-    def finish(self) -> torch.nn.Module:
-        with torch.no_grad():
-            self._restore_into(self.home, self._full_state(rank0_only=False))
-        self.home.train(False)
-        return self.home
-
-    def write_weights(self, path: Path, write: bool) -> None:
-        state = self._full_state(rank0_only=True)  # a collective: every process takes part
-        if write:
-            save_file(_without_tied(self.home, state), str(path), metadata={"format": "pt"})
-
-    def nonfinite_gradients(self) -> list[str]:
-        return []  # the gradients are sharded; the global norm already says they are not finite
+    def write_weights(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        save_file(_without_tied(self.model, state), str(path), metadata={"format": "pt"})
 
 
 def _drop_parameters(model: torch.nn.Module) -> None:
@@ -224,67 +251,98 @@ def _without_tied(model: torch.nn.Module, state: dict) -> dict:
     return {k: v.contiguous() for k, v in state.items() if k not in tied}
 
 
-class FSDP2(_Sharded):
+class FSDP2:
     """`fsdp2`: torch `fully_shard` on every decoder layer and on the whole (the embedding, final
-    norm and lm_head form the outer unit). Gradients are reduce-scattered and averaged by FSDP."""
+    norm and lm_head form the outer unit). Gradients are reduce-scattered and averaged by FSDP.
+    Checkpoints hold the whole weights and the whole AdamW state, gathered."""
+
+    sharded = True
 
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
                  proc: Processes, cfg: ParallelConfig):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self.proc = proc
-        working = self._take_weights(model)
+        self.proc, self.home = proc, HomeModel(model)
+        self.model, self.device = self.home.working, self.home.device
         mesh = init_device_mesh(self.device.type, (proc.world,))
         # bf16: layers gathered and computed in bf16; gradients reduced and kept in fp32.
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if cfg.mixed_precision == "bf16" else MixedPrecisionPolicy()
         shard = dict(mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=precision)
-        for layer in _decoder_layers(working):
+        for layer in _decoder_layers(self.model):
             fully_shard(layer, **shard)
-        self.module = ObjectiveModule(working, objective)
+        self.module = ObjectiveModule(self.model, objective)
         fully_shard(self.module, **shard)
-        self.model = working
-        self.optimizer = _adamw(_param_groups(working, weight_decay), lr)
+        self.optimizer = _adamw(_param_groups(self.model, weight_decay), lr)
 
     def held_fraction(self) -> float:
         params = list(self.model.parameters())
         return sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def set_lr(self, lr: float) -> None:
+        _set_lr(self.optimizer, lr)
 
-    def _options(self, rank0_only: bool):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-        return StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # FSDP reduce-scatters (and averages) each layer's gradients here
 
-    def _full_state(self, rank0_only: bool) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        # The parameters are DTensors, so their norm is one: the full tensor is the global norm.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm).full_tensor()
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        return norm
 
-        return get_model_state_dict(self.model, options=self._options(rank0_only))
+    def nonfinite_gradients(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad.to_local()).all()]
 
-    def read_weights(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def full_weights_in(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        return self.home.filled(model, self._full_state(cpu=False))
 
-        state = load_file(str(path))
-        for alias, name in _tied_aliases(self.home).items():
-            state.setdefault(alias, state[name])
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+    def finish(self) -> torch.nn.Module:
+        self.home.fill(self.home.model, self._full_state(cpu=False))
+        self.home.model.train(False)
+        return self.home.model
 
-    def optimizer_state(self) -> dict:
+    def save(self, folder: Path, write: bool) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options(rank0_only=True))
+        state = self._full_state(cpu=True)  # collectives: every process takes part
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=self._options(cpu=True))
+        if write:
+            self.home.write_weights(folder / WEIGHTS_FILE, state)
+            torch.save(optimizer, folder / OPTIMIZER_FILE)
 
-    def load_optimizer_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def load(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        state = load_file(str(folder / WEIGHTS_FILE))
+        for alias, name in _tied_aliases(self.home.model).items():
+            state.setdefault(alias, state[name])
+        whole = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state, options=whole)
+        set_optimizer_state_dict(self.model, self.optimizer, torch.load(folder / OPTIMIZER_FILE, weights_only=True),
+                                 options=whole)
+
+    def _options(self, cpu: bool):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # cpu: gathered into CPU memory, on the main process only (for writing a checkpoint).
+        return StateDictOptions(full_state_dict=True, cpu_offload=cpu)
+
+    @torch.no_grad()
+    def _full_state(self, cpu: bool) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._options(cpu))
 
 
-class ZeRO3(_Sharded):
+class ZeRO3:
     """`zero3`: DeepSpeed ZeRO stage 3 over the client AdamW. DeepSpeed gathers a module's
     weights for its forward; the lm_head weight, which the chunked loss reads without calling
     lm_head, is registered as an external parameter of the loss module so it is gathered too.
@@ -293,26 +351,32 @@ class ZeRO3(_Sharded):
 
     Step checkpoints hold the whole weights (gathered) like the others, plus one file per process
     with its partition of the fp32 weights and AdamW state, tensors and numbers only (read back
-    with weights_only=True), so resuming needs the same number of processes."""
+    with weights_only=True), so resuming needs the same number of processes. The optimizer's
+    partitions are the truth (the model's partitions are views of them or are copied from them),
+    so they alone are restored."""
+
+    sharded = True
 
     def __init__(self, model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float,
                  proc: Processes, cfg: ParallelConfig, micro_batches: int, max_grad_norm: float):
         import deepspeed
 
         self.proc, self.micro_batches, self.bf16 = proc, micro_batches, cfg.mixed_precision == "bf16"
-        working = self._take_weights(model)
-        module = ObjectiveModule(working, objective)
-        hidden = working.config.hidden_size
+        self.home = HomeModel(model)
+        self.model, self.device = self.home.working, self.home.device
+        module = ObjectiveModule(self.model, objective)
+        hidden = self.model.config.hidden_size
         bucket = cfg.bucket_size or hidden * hidden
         persistence = 10 * hidden if cfg.param_persistence_threshold is None else cfg.param_persistence_threshold
         config = {
             "train_micro_batch_size_per_gpu": 1,  # nominal: batches are counted in tokens here
             "gradient_accumulation_steps": micro_batches,
             "train_batch_size": micro_batches * proc.world,
+            # DeepSpeed clips inside its update, so the norm is given here once, not per step.
             "gradient_clipping": max_grad_norm,
             "zero_allow_untested_optimizer": True,
             # bf16: DeepSpeed computes with bf16 weights and keeps fp32 masters in the optimizer.
-            "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+            "bf16": {"enabled": self.bf16},
             "steps_per_print": 2 ** 31,
             "zero_optimization": {
                 "stage": 3,
@@ -323,80 +387,66 @@ class ZeRO3(_Sharded):
                 **({"offload_param": {"device": "cpu"}} if cfg.offload_params else {}),
             },
         }
-        optimizer = _adamw(_param_groups(working, weight_decay), lr)
+        optimizer = _adamw(_param_groups(self.model, weight_decay), lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-        head = working.get_output_embeddings()
+        head = self.model.get_output_embeddings()
         if head is not None:
             deepspeed.zero.register_external_parameter(module, head.weight)
-        self.module, self.model = self.engine, working
+        self.module = self.engine
         self._micro = 0
 
     def held_fraction(self) -> float:
         params = list(self.model.parameters())
         return sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
 
+    def set_lr(self, lr: float) -> None:
+        _set_lr(self.optimizer, lr)
+
     def zero_grad(self) -> None:
-        pass  # DeepSpeed clears the gradients after each update
+        pass  # DeepSpeed clears the gradients itself after each update
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
         self._micro += 1
         if self._micro < self.micro_batches:
-            self.engine.step()  # a micro step: accumulates, no update
+            # DeepSpeed counts micro-batches through its step(): before the step's last one it
+            # only accumulates (no update).
+            self.engine.step()
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        # DeepSpeed clips inside its update; the norm is known only then, and is checked after it
-        # (before any checkpoint is written, so the last good one stays the newest).
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        # DeepSpeed reduces, clips (to the norm given at start) and applies in one call, and only
+        # then knows the norm; the caller stops on a non-finite one before any checkpoint, so
+        # the last good checkpoint stays the newest.
         self._micro = 0
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
-    def update(self) -> None:
-        pass  # done in clip()
+    def nonfinite_gradients(self) -> list[str]:
+        return []  # the gradients live in DeepSpeed's flat partitions, already consumed by the update
 
-    def _full_state(self, rank0_only: bool) -> dict[str, torch.Tensor]:
-        import deepspeed
+    def full_weights_in(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        return self.home.filled(model, self._full_state(cpu=False))
 
-        params = dict(self.model.named_parameters())
-        keep = not rank0_only or self.proc.main
-        copy_ = (lambda t: t.detach().to("cpu", copy=True)) if rank0_only else (lambda t: t.detach().clone())
-        if self.bf16:
-            # The fp32 masters the optimizer keeps, not the bf16 weights it computes with.
-            from deepspeed.utils import safe_get_full_fp32_param
+    def finish(self) -> torch.nn.Module:
+        self.home.fill(self.home.model, self._full_state(cpu=False))
+        self.home.model.train(False)
+        return self.home.model
 
-            state = {name: safe_get_full_fp32_param(p) for name, p in params.items()}
-            return {name: copy_(t) for name, t in state.items()} if keep else {}
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            # (always a copy: the gathered buffers are freed on leaving the context)
-            state = {name: copy_(tensor) for name, tensor in self.model.state_dict().items()} if keep else {}
-        return state
-
-    # The optimizer's partitions are the truth (the model's partitions are views of them or are
-    # copied from them), so they alone are restored.
-    def read_weights(self, path: Path) -> None:
-        pass
-
-    def optimizer_state(self) -> dict:
-        return {}
-
-    def load_optimizer_state(self, state: dict) -> None:
-        pass
-
-    def _shard_name(self) -> str:
-        return f"zero3-rank{self.proc.rank:05d}-of-{self.proc.world:05d}.pt"
-
-    def write_shard(self, folder: Path) -> None:
+    def save(self, folder: Path, write: bool) -> None:
         from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
         state = self.optimizer.state_dict()
         torch.save({key: state[key] for key in (OPTIMIZER_STATE_DICT, FP32_FLAT_GROUPS, "dynamic_loss_scale",
-                                                "overflow")}, folder / self._shard_name())
+                                                "overflow")}, folder / self._partition_name())
+        weights = self._full_state(cpu=True)  # a collective: every process takes part
+        if write:
+            self.home.write_weights(folder / WEIGHTS_FILE, weights)
 
-    def read_shard(self, folder: Path) -> None:
+    def load(self, folder: Path) -> None:
         from deepspeed.checkpoint.constants import LOSS_SCALER
 
-        path = folder / self._shard_name()
+        path = folder / self._partition_name()
         if not path.exists():
             written = sorted(p.name for p in folder.glob("zero3-rank*.pt"))
             raise UserError(f"{folder} holds no ZeRO-3 partition for process {self.proc.rank} of {self.proc.world} "
@@ -407,12 +457,30 @@ class ZeRO3(_Sharded):
         # (a private method, hence deepspeed pinned to 0.19 in pyproject.toml).
         self.optimizer._rigid_load_state_dict(state)
 
+    def _partition_name(self) -> str:
+        return f"zero3-rank{self.proc.rank:05d}-of-{self.proc.world:05d}.pt"
+
+    @torch.no_grad()
+    def _full_state(self, cpu: bool) -> dict[str, torch.Tensor]:
+        """The whole weights: on every process, or (cpu) as CPU copies on the main process only."""
+        import deepspeed
+
+        params = dict(self.model.named_parameters())
+        keep = not cpu or self.proc.main
+        copy_ = (lambda t: t.detach().to("cpu", copy=True)) if cpu else (lambda t: t.detach().clone())
+        if self.bf16:
+            # The fp32 masters the optimizer keeps, not the bf16 weights it computes with.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            state = {name: safe_get_full_fp32_param(p) for name, p in params.items()}
+            return {name: copy_(t) for name, t in state.items()} if keep else {}
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            # (always a copy: the gathered buffers are freed on leaving the context)
+            return {name: copy_(tensor) for name, tensor in self.model.state_dict().items()} if keep else {}
+
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers at model.layers to shard")
-    return list(layers)
+    return list(model.get_decoder().layers)
 
 
 def check_available(cfg: ParallelConfig, proc: Processes) -> None:
@@ -423,7 +491,7 @@ def check_available(cfg: ParallelConfig, proc: Processes) -> None:
 
 
 def make_engine(model: torch.nn.Module, objective: Callable, *, lr: float, weight_decay: float, max_grad_norm: float,
-                micro_batches: int, proc: Processes, cfg: ParallelConfig | None = None) -> Replicated:
+                micro_batches: int, proc: Processes, cfg: ParallelConfig | None = None) -> Engine:
     """The engine for `cfg.strategy` (ddp in one process, whatever was asked)."""
     strategy = cfg.strategy if cfg is not None and proc.world > 1 else "ddp"
     bf16 = cfg is not None and cfg.mixed_precision == "bf16"

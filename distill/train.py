@@ -16,14 +16,16 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from distill import losses
 from distill.checkpoint import StepCheckpoints
+from distill.common.errors import UserError
+from distill.common.tracking import Tracker
 from distill.config import LossConfig
 from distill.data import TokenBatch
-from distill.errors import UserError
-from distill.parallel import Replicated
-from distill.tracking import Tracker
+from distill.parallel import Engine, Replicated
+from distill.students.build import is_moe
 
 Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -66,7 +68,7 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
         tracker: Tracker, prefix: str, desc: str, progress: bool = True, log_every: int = 10,
         position: int = 0, data_parallel: DataParallel = SINGLE_PROCESS,
         periodic: tuple[int, Callable[[PreTrainedModel], dict]] | None = None,
-        checkpoints: StepCheckpoints | None = None, resume: bool = False, engine: Replicated | None = None) -> list[dict]:
+        checkpoints: StepCheckpoints | None = None, resume: bool = False, engine: Engine | None = None) -> list[dict]:
     """Train `model` for `schedule.steps` optimizer steps; each item of `batches` is the list of
     micro-batches of one step (this rank's share of it). Returns the logged records.
 
@@ -117,13 +119,12 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         if step_tokens:
-            grad_norm = engine.clip(schedule.max_grad_norm)
+            grad_norm = engine.step(schedule.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 bad = engine.nonfinite_gradients()
                 where = f" (in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''})" if bad else ""
                 raise TrainingDiverged(f"{desc}: non-finite gradients at step {step + 1}{where}; "
                                        f"{_last_good(checkpoints)}")
-            engine.update()
             tokens_seen += step_tokens
         else:
             grad_norm = torch.zeros(())
@@ -189,25 +190,23 @@ def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
 
 def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
     """Student logits at the target positions [N, real_vocab] (the naive path) and the MoE aux loss."""
-    is_moe = hasattr(model.config, "num_experts")
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=is_moe,
+    moe = is_moe(model.config)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=moe,
                 use_cache=False)
     # Only the tokenizer's real tokens: embedding rows past it are padding, never predicted.
     logits = out.logits[batch.target_mask][:, :real_vocab]
-    aux = out.aux_loss if is_moe else None
+    aux = out.aux_loss if moe else None
     return logits, aux
 
 
 def _hidden_states(model: PreTrainedModel, batch: TokenBatch):
     """Final hidden states at the target positions [N, H] (after the final norm, before lm_head)
     and the MoE aux loss: the chunked loss applies lm_head itself, chunk by chunk."""
-    is_moe = hasattr(model.config, "num_experts")
+    moe = is_moe(model.config)
     out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_router_logits=is_moe, use_cache=False)
+                              output_router_logits=moe, use_cache=False)
     aux = None
-    if is_moe:
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
-
+    if moe:
         aux = load_balancing_loss_func(out.router_logits, model.config.num_experts, model.config.num_experts_per_tok,
                                        batch.attention_mask) if out.router_logits else 0
     return out.last_hidden_state[batch.target_mask], aux
@@ -215,7 +214,7 @@ def _hidden_states(model: PreTrainedModel, batch: TokenBatch):
 
 def _lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
+    if head.bias is not None:
         raise ValueError("the chunked loss supports an lm_head without bias (as in Qwen3); set loss.implementation=naive")
     return head.weight
 

@@ -1,6 +1,6 @@
 """Where eval generations come from: a transformers model in process, or a vLLM server.
 
-Both take token ids and return token ids (`distill.generation.Generation`), so the harness, the
+Both take token ids and return token ids (`distill.students.generation.Generation`), so the harness, the
 thinking budget and the scoring are the same code for either, and both render prompts with the
 same chat template as training.
 """
@@ -11,8 +11,9 @@ from typing import Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import Sampling
-from distill.generation import Generation, generate
+from distill.students.chat import Sampling
+from distill.students.generation import Generation, generate
+from distill.students.vllm_client import VLLMClient
 
 
 class Backend(Protocol):
@@ -27,7 +28,8 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """In-process `model.generate`: batched, KV cache, left padding, longest prompts first."""
+    """In-process decoding with the project's own loop (students/generation.py): batched, KV cache,
+    left padding, longest prompts first; greedy tokens equal `model.generate`'s."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str,
                  batch_size: int = 64, progress: bool = True):
@@ -45,13 +47,11 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """A vLLM server's completions endpoint, with ids in and out (teachers/vllm_backend.py)."""
+    """A vLLM server's completions endpoint, with ids in and out (students/vllm_client.py)."""
 
     def __init__(self, url: str, tokenizer: PreTrainedTokenizerBase, *, name: str, concurrency: int = 8,
                  progress: bool = True, on_close=None):
-        from teachers.vllm_backend import VLLMTeacher
-
-        self.client = VLLMTeacher(url, tokenizer, name=name, concurrency=concurrency, progress=progress)
+        self.client = VLLMClient(url, tokenizer, concurrency=concurrency, progress=progress)
         self.tokenizer, self.name = tokenizer, name
         self._on_close = on_close
 

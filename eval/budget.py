@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill.chat import STOP_THINKING, Sampling
-from distill.generation import Generation
-from eval.backends import Backend
+from distill.eval.backends import Backend
+from distill.students.chat import STOP_THINKING, Sampling
+from distill.students.generation import Generation
 
 
 @dataclass

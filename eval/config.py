@@ -1,8 +1,8 @@
-"""Typed configuration of `python -m eval` (conf/eval.yaml), validated like the training config.
+"""Typed configuration of `python -m distill.eval`, validated like the training config.
 
-The eval protocol follows the Qwen3 report: per-mode sampling (thinking T 0.6 / top-p 0.95 /
-top-k 20; non-thinking T 0.7 / 0.8 / 20), n samples per problem, pass@1 averaged over samples and
-unbiased pass@k, and an optional thinking-budget sweep.
+These dataclasses hold every default (conf/eval.yaml only picks the task). The eval protocol
+follows the Qwen3 report: per-mode sampling (the table in students/chat.py), n samples per
+problem, pass@1 averaged over samples and unbiased pass@k, and an optional thinking-budget sweep.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from distill.chat import MODE_SAMPLING, MODES, Sampling
-from distill.config import ConfigError, WandbConfig, build_dataclass
-from eval.tasks import Source, Task
+from distill.common.errors import ConfigError
+from distill.common.tracking import WandbConfig
+from distill.common.typed_config import build_dataclass, with_defaults
+from distill.eval.tasks import Source, Task, available
+from distill.students.chat import MODE_SAMPLING, MODES, Sampling
 
 
 @dataclass
@@ -41,16 +43,17 @@ class TaskConfig:
 
 
 @dataclass
-class SamplingConfig:
-    temperature: float
-    top_p: float
-    top_k: int
+class ModeSampling:
+    """Sampling per mode (`sampling.think.temperature=...`); Qwen3's recommendation by default."""
+
+    think: Sampling = MODE_SAMPLING["think"]
+    no_think: Sampling = MODE_SAMPLING["no_think"]
 
 
 @dataclass
 class BackendConfig:
     # transformers: in-process generation (KV cache, batched); vllm: a vLLM server, the one at
-    # `url` (one model), or one started per model from its folder (teachers/install_vllm.sh).
+    # `url` (one model), or one started per model from its folder (students/install_vllm.sh).
     kind: Literal["transformers", "vllm"] = "transformers"
     url: str | None = None
     batch_size: int = 64                 # transformers: sequences per generate call
@@ -68,8 +71,7 @@ class EvalRunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     greedy: bool = False                 # the report samples; greedy is for quick, reproducible checks
-    sampling: dict[str, SamplingConfig] = field(default_factory=lambda: {
-        mode: SamplingConfig(s.temperature, s.top_p, s.top_k) for mode, s in MODE_SAMPLING.items()})
+    sampling: ModeSampling = field(default_factory=ModeSampling)
     pass_k: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 64])
     seed: int = 0
     # Thinking-budget sweep (think mode): at each budget, Qwen3's stop-thinking sentence and
@@ -87,26 +89,18 @@ class EvalRunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def mode_sampling(self, mode: str) -> Sampling | None:
-        if self.greedy:
-            return None
-        s = self.sampling[mode]
-        return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        return None if self.greedy else getattr(self.sampling, mode)
 
 
 def validate(raw: dict) -> EvalRunConfig:
-    from eval.tasks import available
-
-    config = build_dataclass(EvalRunConfig, raw)
-    if not config.models:
-        raise ConfigError("no models to evaluate: set models=[PATH_OR_HUB_NAME,...] (release folders, run "
-                          "directories, save_pretrained folders or hub names; NAME:PATH to name one)")
+    """The composed config over the dataclass defaults, checked. (No models is allowed here, so
+    that `--cfg job` prints the defaults; running without models is refused in eval/run.py.)"""
+    config = build_dataclass(EvalRunConfig, with_defaults(EvalRunConfig, raw))
     if config.task.name not in available():
         raise ConfigError(f"task: unknown task '{config.task.name}'; valid: {', '.join(available())}")
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"modes: unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        if mode not in config.sampling:
-            raise ConfigError(f"sampling.{mode} is missing: give temperature, top_p and top_k")
     if config.budgets and "think" not in config.modes:
         raise ConfigError("budgets need think mode: the budget limits the thinking; add think to modes")
     checks = {"task.samples": config.task.samples or 1, "task.max_new_tokens": config.task.max_new_tokens or 1,
@@ -119,7 +113,8 @@ def validate(raw: dict) -> EvalRunConfig:
     for i, budget in enumerate(config.budgets):
         if budget < 0:
             raise ConfigError(f"budgets[{i}] must be >= 0 thinking tokens, got {budget}")
-    for mode, s in config.sampling.items():
+    for mode in MODES:
+        s = getattr(config.sampling, mode)
         if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
             raise ConfigError(f"sampling.{mode}: need temperature > 0, 0 < top_p <= 1, top_k >= 0 (greedy=true for "
                               "greedy decoding)")

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from distill.chat import Sampling, render_prompt
-from eval.backends import Backend
-from eval.budget import Reply, generate_with_budget
-from eval.metrics import summarize
-from eval.tasks import Problem, Score
+from distill.eval.backends import Backend
+from distill.eval.budget import Reply, generate_with_budget
+from distill.eval.metrics import summarize
+from distill.eval.tasks import Problem, Score
+from distill.students.chat import Sampling, render_prompt
 
 Scorer = Callable[[str, str], Score]
 NO_THINK_PREFIX = "<think>\n\n</think>\n\n"   # pre-filled by the template in no_think mode

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.config import ConfigError
+from distill.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

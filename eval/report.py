@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.files import atomic_write_text
-from distill.tracking import Tracker
-from eval.harness import ModeResult, markdown_table, side_by_side
-from eval.plots import budget_curve, mode_comparison
+from distill.common.files import atomic_write_text
+from distill.common.tracking import Tracker
+from distill.eval.harness import ModeResult, markdown_table, side_by_side
+from distill.eval.plots import budget_curve, mode_comparison
 
 TABLE_COLUMNS = ["model", "mode", "budget", "pass@1", "mean_thinking_tokens", "mean_answer_tokens", "truncated",
                  "format_errors", "wrong", "samples_per_problem", "problems"]

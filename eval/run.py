@@ -1,25 +1,25 @@
-"""Everything `python -m eval` does after the config is validated: load the task, evaluate each
+"""Everything `python -m distill.eval` does after the config is validated: load the task, evaluate each
 model in each mode (and along the thinking budget), write the report."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError
-from distill.errors import UserError, first_line
-from distill.files import prepare_output_dir
-from distill.tracking import Tracker
-from eval.backends import Backend, TransformersBackend, VLLMBackend
-from eval.config import EvalRunConfig
-from eval.harness import ModeResult, evaluate
-from eval.models import ModelSpec, resolve_models
-from eval.report import write_eval_outputs
-from eval.tasks import load_task
+from distill.common.devices import resolve_device
+from distill.common.errors import ConfigError, UserError, first_line
+from distill.common.files import prepare_output_dir, resolve_cache_dir
+from distill.common.tracking import Tracker
+from distill.eval.backends import Backend, TransformersBackend, VLLMBackend
+from distill.eval.config import EvalRunConfig
+from distill.eval.harness import ModeResult, evaluate
+from distill.eval.models import ModelSpec, resolve_models
+from distill.eval.report import write_eval_outputs
+from distill.eval.tasks import load_task
+from distill.students.vllm_server import VLLMServer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +34,9 @@ class EvalSummary:
 
 
 def run(cfg: EvalRunConfig) -> EvalSummary:
+    if not cfg.models:
+        raise ConfigError("no models to evaluate: set models=[PATH_OR_HUB_NAME,...] (release folders, run "
+                          "directories, save_pretrained folders or hub names; NAME:PATH to name one)")
     started = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -49,14 +52,12 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
     if cfg.backend.url and len(specs) > 1:
         raise ConfigError("backend.url serves one model, but models lists several: drop backend.url and a server is "
                           "started for each model folder, or evaluate one model per call")
-    cache_dir = Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
-    problems = task.load(source, cache_dir)
+    problems = task.load(source, resolve_cache_dir(cfg.cache_dir))
     tokenizers = {spec.name: load_tokenizer(cfg, spec) for spec in specs}  # a model that cannot load fails here
     out_dir = prepare_output_dir(cfg.out_dir, key="out_dir", default_parent="evals")
 
     summary = EvalSummary(out_dir=out_dir)
-    tracker = Tracker(out_dir, logger=cfg.logger, config=asdict(cfg), project=cfg.wandb.project,
-                      entity=cfg.wandb.entity, mode=cfg.wandb.mode, run_name=f"eval-{out_dir.name}")
+    tracker = Tracker(out_dir, logger=cfg.logger, config=asdict(cfg), wandb=cfg.wandb, run_name=f"eval-{out_dir.name}")
     try:
         for spec in specs:
             tick = time.perf_counter()
@@ -79,8 +80,7 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
                 tracker.log({f"eval/budget/{spec.name}/{k}": v for k, v in result.summary().items()}
                             | {f"eval/budget/{spec.name}/budget": budget})
         decoding = "greedy decoding" if cfg.greedy else "per-mode sampling " + ", ".join(
-            f"{m} T {s.temperature} / top-p {s.top_p} / top-k {s.top_k}" for m, s in cfg.sampling.items()
-            if m in cfg.modes)
+            f"{mode} {cfg.mode_sampling(mode).describe()}" for mode in cfg.modes)
         protocol = (f"Task `{task.name}` ({source.path}, split {source.split}): {len(problems)} problems, {samples} "
                     f"sample(s) per problem and mode, {decoding}, at most {max_new_tokens} new tokens; backend "
                     f"{cfg.backend.kind}.")
@@ -114,8 +114,6 @@ def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
         if cfg.backend.url:
             return VLLMBackend(cfg.backend.url, tokenizer, name=spec.name, concurrency=cfg.backend.concurrency,
                                progress=cfg.progress)
-        from teachers.vllm_server import VLLMServer
-
         server = VLLMServer(spec.path, dtype=cfg.backend.dtype, max_model_len=cfg.backend.max_model_len).start()
         try:
             return VLLMBackend(server.url, tokenizer, name=spec.name, concurrency=cfg.backend.concurrency,
@@ -123,11 +121,7 @@ def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
         except BaseException:
             server.stop()
             raise
-    device = cfg.backend.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("backend.device=cuda but no CUDA device is visible; use backend.device=auto or cpu")
+    device = resolve_device(cfg.backend.device, key="backend.device")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[cfg.backend.dtype],
                                                      trust_remote_code=cfg.trust_remote_code)

@@ -20,27 +20,18 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from students.presets import Architecture
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """The ids a config carries (Qwen3: bos 151643, eos 151645, pad 151643)."""
-
-    bos: int | None
-    eos: int
-    pad: int
-
-
-QWEN3_TOKEN_IDS = TokenIds(bos=151643, eos=151645, pad=151643)
+from distill.students.presets import Architecture
+from distill.students.tokenizer import BUILTIN_TOKEN_IDS, QWEN3_TOKEN_IDS, TokenIds
 
 
 def default_token_ids(arch: Architecture) -> TokenIds:
     """Qwen3's ids for a Qwen3-vocabulary model; the built-in tokenizer's for the tiny presets."""
-    if arch.vocab_size > QWEN3_TOKEN_IDS.eos:
-        return QWEN3_TOKEN_IDS
-    from distill.tokenizer import BUILTIN_TOKEN_IDS
-    return BUILTIN_TOKEN_IDS
+    return QWEN3_TOKEN_IDS if arch.vocab_size > QWEN3_TOKEN_IDS.eos else BUILTIN_TOKEN_IDS
+
+
+def is_moe(config) -> bool:
+    """Whether a model config is a Qwen3 mixture of experts (router logits, a balancing loss)."""
+    return config.model_type == Qwen3MoeConfig.model_type
 
 
 def hf_config(arch: Architecture, token_ids: TokenIds | None = None) -> Qwen3Config | Qwen3MoeConfig:
@@ -132,8 +123,7 @@ def count_parameters(model: PreTrainedModel) -> ParameterCount:
     total = sum(p.numel() for p in model.parameters())
     embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
-    num_experts = getattr(config, "num_experts", 0) or 0
-    idle = experts * (num_experts - config.num_experts_per_tok) // num_experts if num_experts else 0
+    idle = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts if is_moe(config) else 0
     return ParameterCount(total=total, non_embedding=total - embedding, activated=total - idle)
 
 
@@ -148,7 +138,7 @@ def check_teacher_init(s_cfg, t_cfg, *, layers: list[int], experts: list[int] | 
     """Raise `TeacherInitError` unless a student of config `s_cfg` can take the blocks of a
     teacher of config `t_cfg`; returns (whether MLPs are shared, the experts to take). Works on
     configs alone, so a run can refuse before anything is trained."""
-    s_moe, t_moe = hasattr(s_cfg, "num_experts"), hasattr(t_cfg, "num_experts")
+    s_moe, t_moe = is_moe(s_cfg), is_moe(t_cfg)
     if len(layers) != s_cfg.num_hidden_layers:
         raise TeacherInitError(f"teacher_layers has {len(layers)} entries but the student has {s_cfg.num_hidden_layers} layers")
     if any(not 0 <= i < t_cfg.num_hidden_layers for i in layers):

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.generation import Generation
+from distill.students.generation import Generation
 
 
 @dataclass

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.data import Example
-from distill.errors import UserError
-from distill.files import atomic_write_text, sha256_file
+from distill.common.errors import UserError
+from distill.common.files import atomic_write_text, sha256_file
+from distill.teachers.base import TopK
 
 FORMAT_VERSION = 1
 FEATURES = datasets.Features({
@@ -55,6 +55,17 @@ FEATURES = datasets.Features({
 
 class CacheError(UserError, ValueError):
     """The cache folder cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class CachedResponse:
+    """One row of the cache: the prompt and the teacher's response (ids), whether the response
+    ended (eos within the budget), and the teacher's top-k for every response token."""
+
+    prompt: list[int]
+    response: list[int]
+    finished: bool
+    top: TopK
 
 
 @dataclass(frozen=True)
@@ -170,8 +181,8 @@ def finalize(directory: Path | str, *, required: bool = True) -> Manifest | None
 
 
 def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
-               keep_truncated: bool = False) -> dict[str, list[Example]]:
-    """Examples per mode from a finished cache, checked against the run's tokenizer and k."""
+               keep_truncated: bool = False) -> dict[str, list[CachedResponse]]:
+    """The responses per mode from a finished cache, checked against the run's tokenizer and k."""
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.exists():
@@ -185,7 +196,7 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
     if k is not None and k > spec["k"]:
         raise CacheError(f"{directory} holds the teacher's top-{spec['k']}, fewer than the top-{k} asked for")
     keep = k or spec["k"]
-    examples: dict[str, list[Example]] = {}
+    responses: dict[str, list[CachedResponse]] = {}
     for shard in manifest["shards"]:
         path = directory / "shards" / shard["name"]
         if sha256_file(path) != shard["sha256"]:
@@ -199,9 +210,10 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
             ids = torch.from_numpy(np.asarray(row["topk_ids"]).reshape(length, spec["k"])[:, :keep].copy())
             values = torch.from_numpy(np.asarray(row["topk_logprobs"], dtype=np.float32).reshape(length, spec["k"]))
             values = _restore_mass(values, torch.from_numpy(np.asarray(row["tail_mass"], dtype=np.float32)))
-            examples.setdefault(shard["mode"], []).append(
-                Example(row["prompt_ids"].tolist(), row["response_ids"].tolist(), ids, values[:, :keep].contiguous()))
-    return examples
+            responses.setdefault(shard["mode"], []).append(CachedResponse(
+                row["prompt_ids"].tolist(), row["response_ids"].tolist(), bool(row["finished"]),
+                TopK(ids=ids, logprobs=values[:, :keep].contiguous())))
+    return responses
 
 
 # --- shards -----------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import MODE_SAMPLING, check_mode
-from distill.generation import Generation, generate
-from teachers.base import TopK
+from distill.students.chat import MODE_SAMPLING, check_mode
+from distill.students.generation import Generation, generate
+from distill.teachers.base import TopK
 
 
 class TransformersTeacher:

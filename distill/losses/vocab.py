@@ -8,7 +8,7 @@ ids and logits would then be compared token id by token id between unrelated tok
 
 from __future__ import annotations
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 
 
 class VocabularyMismatch(UserError, ValueError):

@@ -22,7 +22,7 @@ def load_problems(task: str = "arithmetic", path: str | None = None, split: str 
 
     import datasets
 
-    from eval.tasks import load_task
+    from distill.eval.tasks import load_task
 
     definition = load_task(task)
     changes = {k: v for k, v in (("path", path), ("split", split), ("limit", limit)) if v is not None}
@@ -39,7 +39,7 @@ def doc_to_text(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    from eval.tasks import load_task
+    from distill.eval.tasks import load_task
 
     score = load_task(doc["task"]).score(results[0], doc["reference"])
     return {"pass@1": float(score.correct), "format_error": float(score.predicted is None)}

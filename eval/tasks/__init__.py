@@ -1,8 +1,9 @@
 """Eval tasks, one file each: how problems are made or loaded, and how an answer is checked.
 
-A task file defines `TASK = Task(...)`; `python -m eval task=NAME` imports `eval/tasks/NAME.py`,
-so adding a task is adding that one small file (and, for Hydra, `conf/task/NAME.yaml` when it
-needs its own defaults).
+A task file defines `TASK = Task(...)`; `python -m distill.eval task=NAME` imports
+`eval/tasks/NAME.py`, so adding a task is adding that one small file: the Hydra `task` group is
+registered from the files found here, and the task's own defaults (source, samples, token limit)
+live in its `TASK`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.errors import UserError, first_line
-from eval.extract import Extraction, extract
-from eval.verify import equivalent
+from distill.common.errors import UserError, first_line
+from distill.eval.extract import Extraction, extract
+from distill.eval.verify import equivalent
 
 
 class TaskError(UserError, ValueError):
@@ -74,7 +75,7 @@ def load_task(name: str) -> Task:
     """`TASK` of eval/tasks/<name>.py."""
     if name not in available():
         raise TaskError(f"unknown task '{name}'; valid: {', '.join(available())} (a task is one file in eval/tasks/)")
-    return importlib.import_module(f"eval.tasks.{name}").TASK
+    return importlib.import_module(f"{__name__}.{name}").TASK
 
 
 def load_rows(source: Source) -> list[dict]:

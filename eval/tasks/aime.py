@@ -6,8 +6,8 @@ protocol), and pass@k comes from the same samples. Defaults load `HuggingFaceH4/
 (split `train`, columns `problem` and `answer`).
 """
 
-from eval.tasks import Source, Task, question_problems
-from eval.tasks.gsm8k import MATH_PROMPT
+from distill.eval.tasks import Source, Task, question_problems
+from distill.eval.tasks.gsm8k import MATH_PROMPT
 
 TASK = Task(
     name="aime",

@@ -11,22 +11,46 @@ multi-digit running totals make each written step harder than the whole.)
 
 Difficulty knob: the number of operations per chain (`min_steps`..`max_steps`), the operations
 and the modulus. Splits are disjoint by construction: every question is drawn once per seed and
-assigned to exactly one split.
+assigned to exactly one split. The splits are written once per setting as JSONL under the cache
+(`write_splits`), and every reader (the pipeline's data, this task, lm-eval) loads those files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from eval.extract import final_text
-from eval.tasks import Score, Source, Task, chat
+from distill.eval.extract import final_text
+from distill.eval.tasks import Score, Source, Task, chat
+
+# The data source name of the built-in task (`data.source`, and this task's default source).
+BUILTIN_SOURCE = "builtin:arithmetic"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ArithmeticConfig:
+    """How the built-in task's splits are drawn (`data.arithmetic.*`)."""
+
+    min_steps: int = 3          # operations per chain: the difficulty knob
+    max_steps: int = 5
+    modulus: int = 10
+    ops: str = "+*"
+    train_size: int = 50000
+    validation_size: int = 500
+    test_size: int = 500
+    seed: int = 1234
 
 
 @dataclass(frozen=True)
-class Problem:
+class Chain:
+    """One chain with its worked reasoning and answer."""
+
     question: str   # "7+3-5"
     reasoning: str  # "7+3=10\n10-5=5"
     answer: str     # "5"
@@ -40,7 +64,7 @@ class Problem:
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def make_problem(rng: random.Random, min_steps: int, max_steps: int, modulus: int = 10, ops: str = "+*") -> Problem:
+def make_chain(rng: random.Random, min_steps: int, max_steps: int, modulus: int = 10, ops: str = "+*") -> Chain:
     steps = rng.randint(min_steps, max_steps)
     total = rng.randrange(modulus)
     chain, lines = str(total), []
@@ -51,15 +75,15 @@ def make_problem(rng: random.Random, min_steps: int, max_steps: int, modulus: in
         lines.append(f"{total}{op}{operand}={exact}→{result}")
         chain += f"{op}{operand}"
         total = result
-    return Problem(question=f"{chain} mod {modulus}", reasoning="\n".join(lines), answer=str(total))
+    return Chain(question=f"{chain} mod {modulus}", reasoning="\n".join(lines), answer=str(total))
 
 
 def generate_splits(
     sizes: dict[str, int], *, min_steps: int, max_steps: int, modulus: int = 10, ops: str = "+*", seed: int
-) -> dict[str, list[Problem]]:
+) -> dict[str, list[Chain]]:
     """Disjoint splits, e.g. {"train": 20000, "validation": 500, "test": 500}.
 
-    Problems are drawn from one seeded stream; a question already drawn is skipped, so no
+    Chains are drawn from one seeded stream; a question already drawn is skipped, so no
     question appears in two splits (or twice in one).
     """
     if min_steps < 1 or max_steps < min_steps:
@@ -68,22 +92,22 @@ def generate_splits(
         raise ValueError(f"arithmetic: need modulus >= 2 and ops from '+-*', got {modulus} and '{ops}'")
     rng = random.Random(seed)
     seen: set[str] = set()
-    splits: dict[str, list[Problem]] = {}
+    splits: dict[str, list[Chain]] = {}
     for name, size in sizes.items():
-        problems: list[Problem] = []
+        chains: list[Chain] = []
         attempts = 0
-        while len(problems) < size:
+        while len(chains) < size:
             attempts += 1
             if attempts > 100 * size + 10_000:
                 raise ValueError(
                     f"arithmetic: cannot draw {size} distinct '{name}' problems with steps "
                     f"{min_steps}..{max_steps} modulo {modulus}; raise max_steps or the modulus"
                 )
-            problem = make_problem(rng, min_steps, max_steps, modulus, ops)
-            if problem.question not in seen:
-                seen.add(problem.question)
-                problems.append(problem)
-        splits[name] = problems
+            chain = make_chain(rng, min_steps, max_steps, modulus, ops)
+            if chain.question not in seen:
+                seen.add(chain.question)
+                chains.append(chain)
+        splits[name] = chains
     return splits
 
 
@@ -112,24 +136,38 @@ def is_correct(response: str, answer: str) -> bool:
     return score(response, answer).correct
 
 
+def write_splits(settings: ArithmeticConfig, cache_dir: Path) -> dict[str, str]:
+    """The splits as JSONL files under `cache_dir`, generated once per setting; {split: path}."""
+    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / "data" / f"arithmetic-{key}"
+    files = {split: str(folder / f"{split}.jsonl") for split in SPLITS}
+    if all(Path(f).exists() for f in files.values()):
+        return files
+    splits = generate_splits(
+        {"train": settings.train_size, "validation": settings.validation_size, "test": settings.test_size},
+        min_steps=settings.min_steps, max_steps=settings.max_steps, modulus=settings.modulus, ops=settings.ops,
+        seed=settings.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, chains in splits.items():
+        temporary = folder / f".{split}.jsonl.tmp-{os.getpid()}"
+        with open(temporary, "w") as handle:
+            for chain in chains:
+                handle.write(json.dumps({"messages": chain.messages(thinking=True), "answer": chain.answer}) + "\n")
+        os.replace(temporary, files[split])  # atomic: a reader never sees half a split
+    return files
+
+
 def load(source: Source, cache_dir: Path) -> list:
     """The pipeline's held-out split of the built-in task (same generator, seed and settings as
     `python -m distill` with defaults), or a JSONL of rows with `messages` and `answer`."""
-    if source.path == BUILTIN:
-        from distill.config import DataConfig
-        from distill.data import write_builtin_arithmetic
-
-        files = write_builtin_arithmetic(DataConfig(), cache_dir)
-        source = replace(source, path=files[source.split])
+    if source.path == BUILTIN_SOURCE:
+        source = replace(source, path=write_splits(ArithmeticConfig(), cache_dir)[source.split])
     return chat.load(source, cache_dir)
-
-
-BUILTIN = "builtin:arithmetic"
 
 TASK = Task(
     name="arithmetic",
     load=load,
-    source=Source(path=BUILTIN, split="test", question_column="messages", answer_column="answer"),
+    source=Source(path=BUILTIN_SOURCE, split="test", question_column="messages", answer_column="answer"),
     score=score,
     max_new_tokens=128,
 )

@@ -6,8 +6,8 @@ after `####`; the model's answer is taken after `</think>` (boxed, `####`, state
 checked with math-verify.
 """
 
-from eval.extract import gsm8k_reference
-from eval.tasks import Source, Task, question_problems
+from distill.eval.extract import gsm8k_reference
+from distill.eval.tasks import Source, Task, question_problems
 
 MATH_PROMPT = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 

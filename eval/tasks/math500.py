@@ -5,8 +5,8 @@ file with those columns works the same way. Answers such as `\\frac{\\sqrt{3}}{2
 sets are compared symbolically by math-verify.
 """
 
-from eval.tasks import Source, Task, question_problems
-from eval.tasks.gsm8k import MATH_PROMPT
+from distill.eval.tasks import Source, Task, question_problems
+from distill.eval.tasks.gsm8k import MATH_PROMPT
 
 TASK = Task(
     name="math500",

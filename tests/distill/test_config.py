@@ -2,13 +2,17 @@
 
 
 import pytest
+import yaml
 
-from conf import CONF_DIR
 from distill.__main__ import load_config, main
-from distill.config import ConfigError
-from students.build import build_random, count_parameters
-from students.presets import PRESETS
-from teachers.embedded import teacher_architecture
+from distill.common.errors import ConfigError
+from distill.conf import CONF_DIR
+from distill.config import Config, DataConfig, LossConfig, ParallelConfig, PipelineConfig, TeacherConfig
+from distill.eval.__main__ import load_config as load_eval_config
+from distill.eval.config import EvalRunConfig
+from distill.stages.teacher import teacher_architecture
+from distill.students.build import build_random, count_parameters
+from distill.students.presets import PRESETS
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                  for group in ("teacher", "data", "loss", "pipeline", "parallel")}
@@ -18,13 +22,13 @@ REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g, options in GROUP_OPTIONS.items() for o in options])
 def test_every_conf_file_composes_and_validates(override):
-    config, _ = load_config([override, *REQUIRED.get(override, [])])
+    config = load_config([override, *REQUIRED.get(override, [])])
     assert config.students
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_student_preset_composes_and_builds_on_meta(preset):
-    config, _ = load_config([f"+student={preset}"])
+    config = load_config([f"+student={preset}"])
     assert list(config.students) == [preset]
     arch = config.students[preset].architecture
     assert arch == PRESETS[preset]
@@ -33,7 +37,7 @@ def test_every_student_preset_composes_and_builds_on_meta(preset):
 
 
 def test_default_run_has_a_dense_and_a_moe_student_and_a_moe_teacher():
-    config, _ = load_config([])
+    config = load_config([])
     assert {n: s.architecture.is_moe for n, s in config.students.items()} == {"dense": False, "moe": True}
     teacher = teacher_architecture(config.teacher)
     assert teacher.is_moe
@@ -42,7 +46,7 @@ def test_default_run_has_a_dense_and_a_moe_student_and_a_moe_teacher():
 
 
 def test_the_default_recipe_is_offpolicy_then_onpolicy():
-    config, _ = load_config([])
+    config = load_config([])
     stages = config.pipeline.stages
     assert stages.index("offpolicy") < stages.index("onpolicy") < stages.index("eval")
     assert config.pipeline.onpolicy.loss.divergence == "reverse_kl" and config.loss.divergence == "forward_kl"
@@ -50,9 +54,61 @@ def test_the_default_recipe_is_offpolicy_then_onpolicy():
 
 def test_cfg_job_prints_the_student_architecture(capsys):
     assert main(["+student=4b", "--cfg", "job"]) == 0
-    printed = capsys.readouterr().out
-    assert "4b:" in printed and "hidden_size: 2560" in printed and "head_dim: 128" in printed
-    assert "dense:" not in printed  # +student replaces the default pair
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["student"]["preset"] == "4b"
+    assert printed["student"]["architecture"]["hidden_size"] == 2560 and printed["student"]["architecture"]["head_dim"] == 128
+    assert "students" not in printed  # +student replaces the default pair
+
+
+def test_a_chosen_students_fields_are_set_at_the_path_cfg_job_shows(capsys):
+    """After +student=NAME, `student.FIELD=...` sets any field (steps, lr, init, architecture), and
+    `--cfg job` prints it at that same path."""
+    overrides = ["+student=0.6b", "student.steps=30", "student.lr=1e-4", "student.init=pretrained",
+                 "student.pretrained=some/model", "student.architecture.num_hidden_layers=2"]
+    config = load_config(overrides)
+    assert list(config.students) == ["0.6b"]
+    student = config.students["0.6b"]
+    assert (student.steps, student.lr, student.init, student.pretrained) == (30, 1e-4, "pretrained", "some/model")
+    assert student.architecture == PRESETS["0.6b"].override(num_hidden_layers=2)
+    assert main([*overrides, "--cfg", "job"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["student"]
+    assert (printed["steps"], printed["lr"], printed["init"], printed["architecture"]["num_hidden_layers"]) == \
+        (30, 1e-4, "pretrained", 2)
+
+
+def test_the_default_pairs_fields_are_set_at_the_path_cfg_job_shows(capsys):
+    config = load_config(["students.moe.steps=30", "students.dense.architecture.num_hidden_layers=2",
+                          "students.dense.teacher_layers=[3,1]"])
+    assert config.students["moe"].steps == 30 and config.students["dense"].architecture.num_hidden_layers == 2
+    assert list(load_config(["~students.moe"]).students) == ["dense"]
+    assert main(["students.moe.steps=30", "--cfg", "job"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["students"]["moe"]["steps"] == 30
+
+
+def test_composing_the_default_yaml_gives_exactly_the_dataclass_defaults():
+    """Every default lives in the dataclasses: conf/ only picks options, so it cannot drift."""
+    assert load_config([]) == Config()
+    assert load_eval_config([]) == EvalRunConfig()
+
+
+def test_every_default_is_defined_once():
+    """No YAML file sets a value the dataclass already has as its default, except the value that
+    names the option itself (loss=forward_kl sets divergence: forward_kl)."""
+    defining = {"divergence", "strategy", "kind", "source", "stages"}
+    defaults = {"teacher": TeacherConfig(), "data": DataConfig(), "loss": LossConfig(), "parallel": ParallelConfig(),
+                "pipeline": PipelineConfig()}
+    for group, default in defaults.items():
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+                if key not in defining:
+                    assert value != getattr(default, key), f"{path} restates the default {key}: {value}"
+    for path in (CONF_DIR / "config.yaml", CONF_DIR / "eval.yaml"):
+        assert set(yaml.safe_load(path.read_text())) == {"defaults"}, f"{path} holds values; they belong in Python"
+
+
+def test_a_students_field_without_plus_student_says_how():
+    with pytest.raises(ConfigError, match=r"add \+student=NAME"):
+        load_config(["+student.steps=3"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from distill.config import ConfigError, DataConfig
-from distill.data import Example, collate, load_chat_dataset, ModeAlternatingBatches, prompt_messages
+from distill.common.errors import ConfigError
+from distill.config import DataConfig
+from distill.data import Example, ModeAlternatingBatches, collate, load_chat_dataset
+from distill.students.chat import prompt_messages
 
 
 def test_prompt_tokens_never_count_and_the_final_eos_always_does():

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import scaled_model
-from distill.chat import Sampling, render_prompt
+from distill.common.tracking import Tracker
 from distill.config import LossConfig, OnPolicyConfig
 from distill.losses import SampledTokenTeacher, reverse_kl, sampled_token_reverse_kl
 from distill.onpolicy import OnPolicyBatches, PromptMismatch, lambda_at, rollout_batch
+from distill.students.chat import Sampling, render_prompt
+from distill.teachers.transformers_backend import TransformersTeacher
 from distill.train import Schedule, distillation_objective, fit
-from distill.tracking import Tracker
-from teachers.transformers_backend import TransformersTeacher
 
 REAL = 261
 

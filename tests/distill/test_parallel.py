@@ -6,7 +6,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from distill import distributed
-from distill.config import ConfigError, LossConfig, ParallelConfig
+from distill.common.errors import ConfigError
+from distill.config import LossConfig, ParallelConfig
 from distill.distributed import Processes
 from distill.parallel import Replicated, _drop_parameters, _materialize_parameters, check_available, make_engine
 from distill.train import distillation_objective

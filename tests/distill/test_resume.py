@@ -15,9 +15,9 @@ import torch
 
 from conftest import TINY_RUN, scaled_model
 from distill.checkpoint import StepCheckpoints
+from distill.common.tracking import Tracker
 from distill.config import LossConfig
 from distill.data import Example, ModeAlternatingBatches
-from distill.tracking import Tracker
 from distill.train import Schedule, distillation_objective, fit
 
 REAL = 261
@@ -85,7 +85,7 @@ def test_interrupted_and_resumed_training_is_bitwise_the_uninterrupted_one(tmp_p
 def test_checkpoints_hold_no_pickled_objects(tmp_path):
     _train(tmp_path / "c")
     folder = StepCheckpoints(tmp_path / "c" / "ckpt", every=3).latest()
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json"}
     torch.load(folder / "optimizer.pt", weights_only=True)   # tensors and numbers only
 
 

@@ -6,9 +6,9 @@ import torch
 
 from distill.config import LossConfig
 from distill.data import Example, collate
+from distill.students.build import build_random
+from distill.students.presets import PRESETS
 from distill.train import distillation_objective
-from students.build import build_random
-from students.presets import PRESETS
 
 VOCAB = 272  # the tiny presets' padded embedding
 REAL = 261

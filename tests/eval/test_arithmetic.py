@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from eval.tasks.arithmetic import extract_answer, generate_splits, is_correct, make_problem
+from distill.eval.tasks.arithmetic import extract_answer, generate_splits, is_correct, make_chain
 
 
 def _evaluate(question: str) -> int:
@@ -22,11 +22,11 @@ def _evaluate(question: str) -> int:
 def test_answers_and_reasoning_are_right():
     rng = random.Random(0)
     for _ in range(300):
-        problem = make_problem(rng, 1, 8, ops="+-*")
-        assert int(problem.answer) == _evaluate(problem.question)
-        lines = problem.reasoning.split("\n")
-        assert len(lines) == problem.question.count("+") + problem.question.count("-") + problem.question.count("*")
-        assert lines[-1].endswith(f"→{problem.answer}")
+        chain = make_chain(rng, 1, 8, ops="+-*")
+        assert int(chain.answer) == _evaluate(chain.question)
+        lines = chain.reasoning.split("\n")
+        assert len(lines) == chain.question.count("+") + chain.question.count("-") + chain.question.count("*")
+        assert lines[-1].endswith(f"→{chain.answer}")
         for line in lines:
             exact, residue = line.split("=")[1].split("→")
             assert int(exact) % 10 == int(residue)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.__main__ import load_config, main
+from distill.eval.__main__ import load_config, main
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_a_run_directory_expands_to_its_models(model_dirs, problems_file, tmp_pa
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "models.json").write_text(json.dumps({"teacher": str(model_dirs["moe"]), "dense": str(model_dirs["dense"])}))
-    config, _ = load_config([f"models=[{run_dir}]"])
-    from eval.models import resolve_models
+    config = load_config([f"models=[{run_dir}]"])
+    from distill.eval.models import resolve_models
 
     assert [(s.name, s.path) for s in resolve_models(config.models)] == [
         ("teacher", str(model_dirs["moe"])), ("dense", str(model_dirs["dense"]))]

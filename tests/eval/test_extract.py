@@ -3,9 +3,9 @@ forms, checked with math-verify; format errors apart from wrong answers."""
 
 import pytest
 
-from eval.extract import extract, final_text, gsm8k_reference, last_boxed
-from eval.tasks import default_score
-from eval.verify import equivalent
+from distill.eval.extract import extract, final_text, gsm8k_reference, last_boxed
+from distill.eval.tasks import default_score
+from distill.eval.verify import equivalent
 
 T = "<think>\nsome reasoning with 99 and \\boxed{41}\n</think>\n\n"
 

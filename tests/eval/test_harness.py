@@ -5,11 +5,11 @@ from math import comb
 
 import pytest
 
-from distill.chat import STOP_THINKING
-from distill.generation import Generation
-from eval.harness import evaluate, markdown_table, side_by_side
-from eval.metrics import pass_at_k, summarize
-from eval.tasks import Problem, default_score
+from distill.eval.harness import evaluate, markdown_table, side_by_side
+from distill.eval.metrics import pass_at_k, summarize
+from distill.eval.tasks import Problem, default_score
+from distill.students.chat import STOP_THINKING
+from distill.students.generation import Generation
 
 
 class ScriptedBackend:

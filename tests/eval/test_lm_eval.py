@@ -7,8 +7,8 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra: pip install -e '.[test]'")
 
-from eval.__main__ import main  # noqa: E402
-from eval.extract import final_text  # noqa: E402
+from distill.eval.__main__ import main  # noqa: E402
+from distill.eval.extract import final_text  # noqa: E402
 
 TASKS_DIR = "eval/lm_eval_tasks"
 

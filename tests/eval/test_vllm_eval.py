@@ -7,7 +7,7 @@ import shutil
 import psutil
 
 from conftest import needs_vllm
-from eval.__main__ import main
+from distill.eval.__main__ import main
 
 pytestmark = needs_vllm
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from students.build import TeacherInitError, build_random, init_from_teacher
-from students.presets import get_preset
+from distill.students.build import TeacherInitError, build_random, init_from_teacher
+from distill.students.presets import get_preset
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
@@ -72,7 +72,7 @@ def test_impossible_teacher_init_names_the_problem(student_preset, overrides, la
 
 @pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_a_teacher_loads_quantized_through_bitsandbytes(tmp_path, quantization, layer):
-    from students.build import load_pretrained
+    from distill.students.build import load_pretrained
 
     arch = get_preset("tiny").override(num_hidden_layers=2)
     reference = build_random(arch, seed=0)

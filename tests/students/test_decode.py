@@ -5,11 +5,11 @@ import torch
 from transformers import GenerationConfig
 
 from conftest import scaled_model
-from distill.chat import render_prompt
-from distill.generation import generate
-from students.build import build_random
-from students.decode import QwenDecoder
-from students.presets import get_preset
+from distill.students.build import build_random
+from distill.students.chat import render_prompt
+from distill.students.decode import QwenDecoder
+from distill.students.generation import generate
+from distill.students.presets import get_preset
 
 
 def _dense(seed=0, **overrides):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from students.build import build_random, count_parameters, hf_config
-from students.presets import PRESETS, get_preset
+from distill.students.build import build_random, count_parameters, hf_config
+from distill.students.presets import PRESETS, get_preset
 
 # ../shared/reference/qwen3.md, "Parameter counts": total, non-embedding, activated (billions).
 RELEASED = {

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from distill.chat import MODE_SAMPLING, render_prompt
-from students.build import build_random
-from students.presets import get_preset
-from teachers.cache import CacheError, CacheSpec, finalize, prompts_hash, read_cache, tokenizer_hash, write_cache
-from teachers.transformers_backend import TransformersTeacher
+from distill.students.build import build_random
+from distill.students.chat import MODE_SAMPLING, render_prompt
+from distill.students.presets import get_preset
+from distill.teachers.cache import CacheError, CacheSpec, finalize, prompts_hash, read_cache, tokenizer_hash, write_cache
+from distill.teachers.transformers_backend import TransformersTeacher
 
 K = 6
 SHARD = 3
@@ -58,10 +58,10 @@ def test_round_trip_keeps_every_row_and_the_teachers_distribution(teacher_dir, t
         # The stored top-k is the teacher's for the stored response, up to 16-bit rounding.
         live = teacher.top_k_logprobs(prompts[mode], [e.response for e in examples[mode]], K)
         for example, top in zip(examples[mode], live):
-            assert torch.equal(example.topk_ids, top.ids)
-            torch.testing.assert_close(example.topk_logprobs, top.logprobs, rtol=0, atol=2e-2)
+            assert torch.equal(example.top.ids, top.ids)
+            torch.testing.assert_close(example.top.logprobs, top.logprobs, rtol=0, atol=2e-2)
             # ...and its mass is restored exactly: the top-k hold 1 - tail of the teacher's.
-            torch.testing.assert_close(example.topk_logprobs.exp().sum(-1), top.logprobs.exp().sum(-1),
+            torch.testing.assert_close(example.top.logprobs.exp().sum(-1), top.logprobs.exp().sum(-1),
                                        rtol=0, atol=1e-5)
     assert manifest.bytes_per_token > 0
 
@@ -72,8 +72,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from test_cache import make_inputs, make_teacher
-from distill.tokenizer import build_tokenizer
-from teachers.cache import write_cache
+from distill.students.tokenizer import build_tokenizer
+from distill.teachers.cache import write_cache
 tokenizer = build_tokenizer()
 prompts, spec = make_inputs(tokenizer)
 write_cache(make_teacher({folder!r}, tokenizer), prompts, {out!r}, spec, progress=False)

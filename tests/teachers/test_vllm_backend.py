@@ -3,14 +3,14 @@ Qwen3-MoE written by save_pretrained: tokenizer check, prompt top-k equal to tra
 generation in both modes, and the one-line failures.
 
 The server is started once for the session (tests/conftest.py, about a minute on 2 cores) on 127.0.0.1 and stopped
-by PID. Without the vLLM environment (teachers/install_vllm.sh) these tests skip, saying so.
+by PID. Without the vLLM environment (students/install_vllm.sh) these tests skip, saying so.
 """
 
 import pytest
 import torch
 
-from distill.chat import render_prompt
-from teachers.vllm_server import free_port
+from distill.students.chat import render_prompt
+from distill.students.vllm_server import free_port
 
 from conftest import VLLM_MAX_LOGPROBS as MAX_LOGPROBS
 from conftest import needs_vllm
@@ -27,7 +27,7 @@ def hf_model(vllm_model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_teacher(vllm_server, tokenizer):
-    from teachers.vllm_backend import VLLMTeacher
+    from distill.teachers.vllm_backend import VLLMTeacher
 
     return VLLMTeacher(vllm_server.url, tokenizer, progress=False, batch_size=3, concurrency=2)
 
@@ -73,7 +73,7 @@ def test_prompt_top_k_equals_transformers(vllm_teacher, hf_model, tokenizer):
 
 
 def test_k_above_the_servers_max_logprobs_is_one_clear_line(vllm_teacher, tokenizer):
-    from teachers.vllm_backend import TeacherServerError
+    from distill.teachers.vllm_backend import TeacherServerError
 
     prompt = _prompts(tokenizer, "think", count=1)
     with pytest.raises(TeacherServerError, match=f"--max-logprobs {MAX_LOGPROBS + 8}") as error:
@@ -82,16 +82,18 @@ def test_k_above_the_servers_max_logprobs_is_one_clear_line(vllm_teacher, tokeni
 
 
 def test_a_server_with_another_tokenizer_is_refused(vllm_server, foreign_tokenizer):
-    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
+    from distill.students.vllm_server import ServerError
+    from distill.teachers.vllm_backend import VLLMTeacher
 
-    with pytest.raises(TeacherServerError, match="tokenizer differs"):
+    with pytest.raises(ServerError, match="tokenizer differs"):
         VLLMTeacher(vllm_server.url, foreign_tokenizer, progress=False)
 
 
 def test_an_unreachable_server_is_one_clear_line(tokenizer):
-    from teachers.vllm_backend import TeacherServerError, VLLMTeacher
+    from distill.students.vllm_server import ServerError
+    from distill.teachers.vllm_backend import VLLMTeacher
 
-    with pytest.raises(TeacherServerError, match="unreachable") as error:
+    with pytest.raises(ServerError, match="unreachable") as error:
         VLLMTeacher(f"http://127.0.0.1:{free_port()}", tokenizer, progress=False, retries=1)
     assert "\n" not in str(error.value)
 
@@ -110,7 +112,7 @@ def test_pipeline_with_the_embedded_teacher_served_by_vllm(tmp_path):
         "+teacher.overrides.head_dim=32", "students.dense.architecture.head_dim=32",
         "teacher.serve=vllm", "pipeline.stages=[teacher,offpolicy,onpolicy]", "pipeline.offpolicy.prompts=16",
         f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
-    config, _ = load_config(overrides)
+    config = load_config(overrides)
     summary = run(config, progress=False)
     manifest = json.loads((summary.teacher_outputs / "manifest.json").read_text())
     assert "(vLLM)" in manifest["spec"]["teacher"] and manifest["rows"] == 32

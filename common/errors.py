@@ -1,13 +1,18 @@
-"""The one error type the command line reports as a single line (and exit code 2).
+"""The errors the command line reports as a single line (and exit status 2).
 
 Every problem a user can fix (a config key, a tokenizer mismatch, an incomplete cache, an
 unreachable teacher server) raises a subclass of `UserError`, with a message that names the
-problem and the fix; `python -m distill` prints it as `error: <message>`, without a traceback.
+problem and the fix; `python -m distill` and `python -m distill.eval` print it as
+`error: <message>`, without a traceback.
 """
 
 
 class UserError(Exception):
     """A problem the user can fix; its message is one line naming the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, reported as one line naming the key and the fix."""
 
 
 def first_line(error: BaseException | str, limit: int = 300) -> str:

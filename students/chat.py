@@ -1,4 +1,5 @@
-"""Chat rendering in Qwen3's two modes, and the per-mode sampling the Qwen3 report recommends.
+"""Chat in Qwen3's two modes: prompt rendering, and the one table of per-mode sampling the Qwen3
+report recommends (every default that samples in a mode reads `MODE_SAMPLING`).
 
 Teacher, student and eval all render prompts through `render_prompt`, so every model sees the
 same prompt tokens for the same conversation and mode.
@@ -7,8 +8,10 @@ same prompt tokens for the same conversation and mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: the config (which reads MODE_SAMPLING) need not import transformers
+    from transformers import PreTrainedTokenizerBase
 
 MODES = ("think", "no_think")
 
@@ -17,7 +20,11 @@ MODES = ("think", "no_think")
 class Sampling:
     temperature: float
     top_p: float
-    top_k: int
+    top_k: int   # 0: no top-k truncation
+
+    def describe(self) -> str:
+        """"T 0.6 / top-p 0.95 / top-k 20", as model cards write it."""
+        return f"T {self.temperature} / top-p {self.top_p} / top-k {self.top_k or 'off'}"
 
 
 # Qwen3 model cards: thinking T 0.6 / top-p 0.95 / top-k 20; non-thinking T 0.7 / 0.8 / 20.
@@ -62,9 +69,14 @@ def render_response(tokenizer: PreTrainedTokenizerBase, content: str, mode: str)
     return ids + [tokenizer.eos_token_id]
 
 
-def split_response(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of a generated reply; reasoning is '' when there is no think block."""
-    if "</think>" not in text:
-        return ("", text) if "<think>" not in text else (text.split("<think>", 1)[1], "")
-    reasoning, answer = text.split("</think>", 1)
-    return reasoning.split("<think>")[-1], answer
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its final assistant turn."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:end]]
+
+
+def reference_reply(messages: list[dict]) -> str | None:
+    """The final assistant turn's text, if the conversation ends with one."""
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None

@@ -1,19 +1,33 @@
-"""The built-in task's tokenizer: byte-level, with Qwen3's special tokens and chat template.
+"""Tokenizers: a real model's own, or the built-in task's byte-level one with Qwen3's special
+tokens and chat template; and the token ids a model config carries.
 
-Real models bring their own tokenizer and template; this one exists so the embedded default
-needs nothing from a hub. It mirrors Qwen3's layout on a small scale: 256 byte tokens (so any
-text round-trips, as with Qwen's byte-level BPE), then the special tokens, then padding rows in
-the embedding (Qwen3: 151,669 real tokens in a 151,936 embedding).
+Real models bring their own tokenizer and template; the built-in one exists so the embedded
+default needs nothing from a hub. It mirrors Qwen3's layout on a small scale: 256 byte tokens
+(so any text round-trips, as with Qwen's byte-level BPE), then the special tokens, then padding
+rows in the embedding (Qwen3: 151,669 real tokens in a 151,936 embedding).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from students.build import TokenIds
+from distill.common.errors import ConfigError, first_line
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The ids a model config carries."""
+
+    bos: int | None
+    eos: int
+    pad: int
+
+
+# Qwen3's released configs: bos 151643, eos 151645 (<|im_end|>), pad 151643 (<|endoftext|>).
+QWEN3_TOKEN_IDS = TokenIds(bos=151643, eos=151645, pad=151643)
 
 # Same names and order as Qwen3; <think> and </think> are added tokens but NOT special, so
 # decode(skip_special_tokens=True) keeps them, as Qwen3's tokenizer does.
@@ -23,12 +37,10 @@ ENDOFTEXT, IM_START, IM_END, THINK, END_THINK = (
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 REASONING_TOKENS = (THINK, END_THINK)
 BYTE_TOKENS = 256
-REAL_VOCAB_SIZE = BYTE_TOKENS + len(SPECIAL_TOKENS) + len(REASONING_TOKENS)  # 261
-# Ids as the model config carries them: no bos (as Qwen3's chat models), eos = <|im_end|>,
-# pad = <|endoftext|>.
+# The built-in tokenizer's ids as a model config carries them: no bos (as Qwen3's chat models),
+# eos = <|im_end|>, pad = <|endoftext|>. (Its 261 real tokens sit in a 272-row embedding, padded
+# to a multiple of 16 as Qwen3 pads 151,669 to 151,936: the tiny presets' vocab_size.)
 BUILTIN_TOKEN_IDS = TokenIds(bos=None, eos=BYTE_TOKENS + 2, pad=BYTE_TOKENS)
-# Embedding rows, padded to a multiple of 16 as Qwen3 pads 151,669 to 151,936.
-PADDED_VOCAB_SIZE = 272
 
 # Qwen3's chat template behaviour, written for this project (no tool calls):
 # - a system message first is rendered first;
@@ -62,6 +74,17 @@ CHAT_TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
     "{%- endif -%}"
 )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The built-in byte-level tokenizer ("builtin"), or a real model's own (path or hub name)."""
+    if name == "builtin":
+        return build_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load tokenizer '{name}' ({first_line(error)}); give a local folder "
+                          "saved by save_pretrained, or a hub name with network access") from None
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -106,8 +129,3 @@ def _bytes_to_unicode() -> dict[int, str]:
             extra += 1
     return table
 
-
-def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(str(directory))
-    return tokenizer

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import Sampling
-from students.decode import QwenDecoder, cache_argument
+from distill.students.chat import Sampling
+from distill.students.decode import QwenDecoder, cache_argument
 
 
 @dataclass

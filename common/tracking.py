@@ -11,17 +11,28 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from distill.errors import first_line
+from distill.common.errors import first_line
 
 METRICS_FILE = "metrics.jsonl"
 
 
+@dataclass
+class WandbConfig:
+    project: str = "distill"
+    entity: str | None = None
+    # auto: online when an API key is configured, offline otherwise.
+    mode: Literal["auto", "online", "offline"] = "auto"
+    # Runs of one sweep (`-m`) share a group, named after the sweep's folder; null: no group.
+    group: str | None = None
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, *, logger: str = "none", config: dict | None = None, project: str = "distill",
-                 entity: str | None = None, mode: str = "auto", run_name: str | None = None,
+    def __init__(self, run_dir: Path, *, logger: str = "none", config: dict | None = None,
+                 wandb: WandbConfig | None = None, run_name: str | None = None,
                  metrics_file: str | None = METRICS_FILE):
         self.run_dir = run_dir
         # metrics_file=None: no JSONL (a worker process whose records the main run replays).
@@ -31,21 +42,22 @@ class Tracker:
         self._wandb = None
         self.wandb_mode = "disabled"
         if logger == "wandb":
-            self._wandb = self._start_wandb(config or {}, project, entity, mode, run_name)
+            self._wandb = self._start_wandb(config or {}, wandb or WandbConfig(), run_name)
 
-    def _start_wandb(self, config, project, entity, mode, run_name):
+    def _start_wandb(self, config: dict, settings: WandbConfig, run_name: str | None):
         import wandb
 
+        mode = settings.mode
         if mode == "auto":
             mode = "online" if _has_wandb_key() else "offline"
+        common = dict(project=settings.project, entity=settings.entity, group=settings.group, config=config,
+                      dir=str(self.run_dir), name=run_name, reinit="finish_previous")
         try:
-            run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
-                             name=run_name, reinit="finish_previous")
+            run = wandb.init(mode=mode, **common)
         except Exception as error:  # network or auth failure: keep training, log offline
             print(f"warning: W&B {mode} failed ({first_line(error)}); logging offline instead")
             mode = "offline"
-            run = wandb.init(project=project, entity=entity, config=config, dir=str(self.run_dir), mode=mode,
-                             name=run_name, reinit="finish_previous")
+            run = wandb.init(mode=mode, **common)
         self.wandb_mode = mode
         return run
 
@@ -89,6 +101,12 @@ class Tracker:
             import wandb
 
             self._wandb.log({name: wandb.Image(str(path))})
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
     def finish(self) -> None:
         if self._handle is not None:

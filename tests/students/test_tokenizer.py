@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from distill.chat import render_prompt, render_response
-from distill.tokenizer import CHAT_TEMPLATE
+from distill.students.chat import render_prompt, render_response
+from distill.students.tokenizer import CHAT_TEMPLATE
 
 # ../shared/reference/qwen3.md, "Expected renderings of the official template".
 VECTORS = [

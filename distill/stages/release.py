@@ -1,9 +1,10 @@
-"""Release folders: a student that loads with plain transformers, with its card and checksums.
+"""The release stage: each student as a folder that loads with plain transformers, with its model
+card (the run's eval table and the recipe that made it) and checksums.
 
 Layout: config.json, model.safetensors, tokenizer files (with the chat template),
 generation_config.json (thinking-mode sampling), README.md (model card), SHA256SUMS.
 The folder is assembled under a temporary name beside its destination and renamed into place,
-so a crash never leaves a half-written release.
+so a crash never leaves a half-written release (stage checkpoints are written the same way).
 """
 
 from __future__ import annotations
@@ -14,10 +15,63 @@ from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chat import MODE_SAMPLING
-from distill.files import sha256_file
+from distill.common.files import sha256_file
+from distill.config import Config, LossConfig
+from distill.eval.harness import ModeResult
+from distill.eval.report import render_markdown
+from distill.losses.token_loss import PARAMETER
+from distill.stages.evaluation import eval_protocol
+from distill.students.build import count_parameters
+from distill.students.chat import MODE_SAMPLING
 
 CHECKSUMS = "SHA256SUMS"
+
+
+def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    teacher_name: str, results: dict[str, dict[str, ModeResult]], run_dir: Path) -> Path:
+    """`<run_dir>/release/<name>/`, its card showing the teacher's and this student's eval rows."""
+    shown = {k: v for k, v in results.items() if k in ("teacher", name)}
+    card = model_card(
+        name=f"distill-{name}", preset=cfg.students[name].preset, parameters=count_parameters(student).total,
+        teacher=teacher_name, recipe=recipe_lines(cfg, name),
+        eval_table=render_markdown(shown, baseline="teacher", level=3, protocol=eval_protocol(cfg))
+        if shown else "Not evaluated in this run.")
+    return write_release(run_dir / "release" / name, student, tokenizer, card)
+
+
+def loss_name(loss: LossConfig) -> str:
+    """"jsd(beta=0.5)", "skew_kl(alpha=0.1)", "forward_kl"."""
+    parameter = PARAMETER.get(loss.divergence)
+    return f"{loss.divergence}({parameter}={getattr(loss, parameter)})" if parameter else loss.divergence
+
+
+def recipe_lines(cfg: Config, name: str) -> list[str]:
+    """How the student was made, for its model card."""
+    stages, student_cfg = cfg.pipeline.stages, cfg.students[name]
+    lines = [f"student init: {student_cfg.init}" + (
+        f" (teacher layers {student_cfg.teacher_layers}"
+        f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
+        if student_cfg.init == "teacher" else "")]
+    if "offpolicy" in stages:
+        off = cfg.pipeline.offpolicy
+        steps = off.steps if student_cfg.steps is None else student_cfg.steps
+        lr = off.lr if student_cfg.lr is None else student_cfg.lr
+        lines += [f"off-policy distillation: the teacher answered {off.prompts} training prompts in both modes "
+                  f"(thinking {MODE_SAMPLING['think'].describe()}; non-thinking {MODE_SAMPLING['no_think'].describe()}); "
+                  f"loss {loss_name(cfg.loss)} over its top-{off.top_k} log-probabilities (missing mass: "
+                  f"{cfg.loss.missing_mass}), cross-entropy weight {cfg.loss.ce_weight}, temperature "
+                  f"{cfg.loss.temperature}; {steps} optimizer steps of {off.batch_size * off.grad_accum} sequences, "
+                  f"AdamW peak lr {lr}, warm-up {off.warmup_steps} then cosine"]
+    if "onpolicy" in stages:
+        on = cfg.pipeline.onpolicy
+        mix = f"lambda {on.mix}" + (f" to {on.mix_end}" if on.mix_end is not None else "")
+        lines += [f"on-policy distillation: the student answered {on.prompts} other prompts in both modes "
+                  f"(sampling T {on.temperature}, top-p {on.top_p}, top-k {on.sample_top_k or 'off'}; at most "
+                  f"{on.max_new_tokens} tokens) and the teacher scored its tokens; loss {loss_name(on.loss)} "
+                  f"({'sampled-token estimator' if on.estimator == 'sampled_token' else f'over its top-{on.top_k}'}), "
+                  f"{mix}; {on.steps} optimizer steps of {on.batch_size * on.grad_accum} rollouts, AdamW peak lr "
+                  f"{on.lr}"]
+    return lines
 
 
 def write_release(destination: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: str) -> Path:
@@ -111,8 +165,8 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ## Modes and sampling
 Thinking mode is the default of the chat template (`enable_thinking=True`); pass
 `enable_thinking=False` for non-thinking mode, which pre-fills an empty think block.
-- thinking: temperature {think.temperature}, top-p {think.top_p}, top-k {think.top_k} (in `generation_config.json`)
-- non-thinking: temperature {no_think.temperature}, top-p {no_think.top_p}, top-k {no_think.top_k}
+- thinking: {think.describe()} (in `generation_config.json`)
+- non-thinking: {no_think.describe()}
 
 ## Evaluation
 {eval_table}

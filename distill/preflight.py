@@ -1,0 +1,102 @@
+"""Checks made before a run allocates or writes anything: the tokenizer the models share, the
+students' vocabularies and initialisation against the teacher, memory, and room on disk.
+
+Each failure is one line naming the problem and the way out (a `ConfigError`, or a
+`MemoryError` giving the memory needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.common.errors import ConfigError, first_line
+from distill.config import Config
+from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
+from distill.memory import check_fits, estimate
+from distill.stages.teacher import teacher_architecture
+from distill.students.build import TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def tokenizer_name(cfg: Config) -> str:
+    """`data.tokenizer`, where "auto" means the built-in tokenizer for the embedded teacher and the
+    teacher's own tokenizer otherwise."""
+    if cfg.data.tokenizer != "auto":
+        return cfg.data.tokenizer
+    return "builtin" if cfg.teacher.kind == "embedded" else cfg.teacher.model
+
+
+def output_bytes(cfg: Config) -> int:
+    """About what a run writes: per student its step checkpoints (weights + AdamW state), stage
+    folders and release; the teacher's outputs (top-k per response token)."""
+    total = 0
+    for student in cfg.students.values():
+        weights = 4 * count_parameters(build_random(student.architecture, device="meta")).total
+        total += weights * 3 * cfg.checkpoint_keep * 2 + weights * 3
+    off = cfg.pipeline.offpolicy
+    total += 2 * off.prompts * off.max_new_tokens * (8 * off.top_k + 16)
+    return total
+
+
+def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device, shards: int = 1) -> None:
+    """Refuse, before allocating anything, models that cannot use the tokenizer, cannot start as
+    configured, or do not fit (`shards`: processes a sharding engine splits a student over)."""
+    real = len(tokenizer)
+    if cfg.teacher.kind == "embedded":
+        teacher_arch = teacher_architecture(cfg.teacher)
+        teacher_params = count_parameters(build_random(teacher_arch, device="meta")).total
+        teacher_config = hf_config(teacher_arch)
+    else:
+        try:
+            teacher_config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+        except (OSError, ValueError) as error:  # no such folder or hub name; a folder with no model config
+            raise ConfigError(f"cannot load teacher '{cfg.teacher.model}' ({first_line(error)}); give a "
+                              "local folder saved by save_pretrained, or a hub name with network access") from None
+        with torch.device("meta"):
+            teacher_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(teacher_config).parameters())
+    teacher_vocab = teacher_config.vocab_size
+    if teacher_vocab < real:
+        raise ConfigError(f"teacher vocab_size {teacher_vocab} is smaller than the tokenizer's {real} tokens: "
+                          "teacher and tokenizer do not belong together; set data.tokenizer to the teacher's")
+    if cfg.teacher.kind != "embedded":
+        _check_same_tokenizer("teacher", cfg.teacher.model, tokenizer, cfg.teacher.trust_remote_code)
+    teacher_format = cfg.teacher.dtype if cfg.teacher.quantization == "none" else cfg.teacher.quantization
+    if cfg.teacher.serve == "vllm" and cfg.teacher.kind == "transformers":
+        teacher_params = 0  # it lives on its server, not in this process
+    for name, student in cfg.students.items():
+        key = "student" if cfg.student is not None else f"students.{name}"
+        arch = student.architecture
+        if student.init != "pretrained" and arch.vocab_size < real:
+            raise ConfigError(
+                f"student '{name}' vocab_size {arch.vocab_size} is smaller than the tokenizer's {real} tokens; set "
+                f"{key}.architecture.vocab_size to at least {real} (Qwen3 checkpoints use 151936)")
+        if student.init == "pretrained":
+            _check_same_tokenizer(f"student '{name}'", student.pretrained, tokenizer, False)
+        if student.init == "teacher":
+            try:
+                check_teacher_init(hf_config(arch), teacher_config, layers=student.teacher_layers,
+                                   experts=student.teacher_experts)
+            except TeacherInitError as error:
+                raise ConfigError(f"{key} cannot start from the teacher's blocks: {error}") from None
+        params = count_parameters(build_random(arch, device="meta")).total
+        check_fits(name, estimate(params, teacher_params, teacher_format, shards), device)
+
+
+def _check_same_tokenizer(who: str, name_or_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
+    """A checkpoint that ships its own tokenizer must ship the run's (padding aside): logits and
+    top-k ids are compared id by id."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        return  # weights only: the run's tokenizer is the only one there is
+    try:
+        own = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # no tokenizer files: the run's tokenizer is the only one there is
+    try:
+        shared_vocabulary(tokenizer, own)
+    except VocabularyMismatch as error:
+        raise ConfigError(f"{who} ({name_or_path}): {error}") from None
