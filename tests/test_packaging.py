@@ -2,6 +2,7 @@
 installed into a fresh folder and run from a folder that has `eval/` and `conf/` folders of its
 own (a user's), which must not shadow anything."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,8 +27,11 @@ print(len(modules), ",".join(available()), ";".join(yaml), ";".join(lm_eval))
 
 
 def test_the_wheel_installs_whole_and_runs_from_anywhere(tmp_path):
+    # Built from a clean copy: pip builds in the source folder, whose build/ may hold stale files.
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "runs", "evals", "outputs", "wandb", ".pytest_cache"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True)
+                            str(tmp_path / "wheel"), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("distill-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
