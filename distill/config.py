@@ -102,7 +102,9 @@ class LossConfig:
     # chunked: from hidden states + lm_head, never the full [tokens, vocab] logits (the default);
     # naive: materialise the logits (for comparison).
     implementation: Literal["chunked", "naive"] = "chunked"
-    chunk_tokens: int = 0         # tokens per chunk; 0 = about 128 MiB of float32 logits a chunk
+    # float32 logits per chunk of the chunked loss, in bytes (a chunk's working set is a few times
+    # that); 0: 128 MiB on a CPU, 1 GiB on a GPU.
+    chunk_bytes: int = 0
 
 
 @dataclass
@@ -360,7 +362,7 @@ def _check_positive(config: Config) -> None:
         "pipeline.eval.every": config.pipeline.eval.every + 1,  # 0 means off
         "teacher.bootstrap.steps": config.teacher.bootstrap.steps,
         "loss.temperature": config.loss.temperature,
-        "loss.chunk_tokens": config.loss.chunk_tokens + 1,  # 0 means automatic
+        "loss.chunk_bytes": config.loss.chunk_bytes + 1,  # 0 means the device's default
     }
     for key, value in checks.items():
         if value <= 0:

@@ -275,7 +275,7 @@ def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str
             hidden, aux = _hidden_states(model, batch)
             loss, values = losses.chunked_loss(hidden, _lm_head_weight(model), teacher, targets, token_loss,
                                                1.0 / step_tokens, vocab=real_vocab,
-                                               chunk_tokens=loss_cfg.chunk_tokens or None)
+                                               chunk_bytes=loss_cfg.chunk_bytes or None)
         else:
             logits, aux = _forward(model, batch, real_vocab)
             values = token_loss(logits, teacher, targets)

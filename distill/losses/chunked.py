@@ -6,10 +6,17 @@ their gradients): about 5 GB each at 8,192 tokens. Here the tokens are processed
 each chunk the logits are computed, the per-token loss and its gradient with respect to those
 logits are taken right away, and that gradient is pushed through the lm_head matmul into the
 hidden-state and weight gradients, which are accumulated. Only one chunk's logits exist at a time.
-The gradients are exact (same math as the naive path, summed in a different order) and the
-backward pass costs nothing extra: it only scales the stored gradients by the upstream gradient.
+The backward pass costs nothing extra: it only scales the stored gradients by the upstream
+gradient. The loss must therefore be a weighted sum of per-token losses, which is what training uses.
 
-The loss must therefore be a weighted sum of per-token losses, which is what training uses.
+Precision. The three vocabulary products (logits, the hidden-state gradient, the weight gradient)
+run in the compute dtype: bf16 (or fp16) under autocast or when the weights are 16-bit, which is
+what tensor cores take, with float32 accumulation inside each matmul and a float32 running sum of
+the weight gradient across chunks; float32 inputs without autocast keep float32 throughout, the
+exact path. The per-token math (log-softmax normaliser, divergences) is always float32.
+
+Chunk size comes from a memory budget: `chunk_bytes` of float32 logits per chunk (a chunk's
+working set is a few times that), by default 128 MiB on a CPU and 1 GiB on a GPU.
 """
 
 from __future__ import annotations
@@ -20,55 +27,80 @@ import torch
 
 from distill.losses.support import TeacherDistribution
 
-# Bytes of float32 logits per chunk: a chunk's working set is a few times this.
-DEFAULT_CHUNK_BYTES = 128 * 2 ** 20
+# Bytes of float32 logits per chunk, by device type. On a CPU small chunks stay in cache-friendly
+# sizes; on a GPU large ones keep the matmuls long enough for the tensor cores.
+DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2 ** 20, "cuda": 2 ** 30}
+
+# Vocabulary rows per block of a 16-bit weight-gradient product (its buffer: VOCAB_BLOCK x H).
+VOCAB_BLOCK = 4096
 
 PerTokenLoss = Callable[[torch.Tensor, TeacherDistribution, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def chunk_tokens_for(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so that one chunk's float32 logits take about `chunk_bytes`."""
-    return max(1, chunk_bytes // (4 * vocab))
+def chunk_tokens_for(vocab: int, device: torch.device, chunk_bytes: int | None = None) -> int:
+    """Tokens per chunk so that one chunk's float32 logits take about `chunk_bytes` (default:
+    the device type's)."""
+    budget = chunk_bytes or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
+    return max(1, budget // (4 * vocab))
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the vocabulary products run in: autocast's when it is on for this device, else
+    the lower precision of the two inputs (float32 when both are)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return min((hidden.dtype, weight.dtype), key=lambda dtype: torch.finfo(dtype).bits)
 
 
 def chunked_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher: TeacherDistribution,
                  targets: torch.Tensor, token_loss: PerTokenLoss, token_weights: torch.Tensor | float, *,
-                 vocab: int | None = None, chunk_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 vocab: int | None = None, chunk_tokens: int | None = None,
+                 chunk_bytes: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_t token_weights[t] * token_loss(hidden[t] @ W.T, teacher[t], targets[t])["loss"][t].
 
     hidden: [N, H] final hidden states at the target positions (after the final norm);
     lm_head_weight: [V_embedding, H] (no bias; rows past `vocab` are never used);
     teacher: its rows for the same N tokens; targets: [N]; token_weights: [N] or a scalar (for
-    training, 1 / target tokens in the optimizer step).
-    Returns (the scalar loss, differentiable in hidden and lm_head_weight; every output of
-    `token_loss` as a detached [N] tensor, for logging).
+    training, 1 / target tokens in the optimizer step). `chunk_tokens` fixes the chunk size;
+    otherwise it follows `chunk_bytes` (see `chunk_tokens_for`).
+    Returns (the scalar loss, float32, differentiable in hidden and lm_head_weight; every output
+    of `token_loss` as a detached [N] tensor, for logging).
     """
     vocab = vocab or lm_head_weight.shape[0]
-    chunk = chunk_tokens or chunk_tokens_for(vocab)
+    chunk = chunk_tokens or chunk_tokens_for(vocab, hidden.device, chunk_bytes)
     weights = torch.as_tensor(token_weights, dtype=torch.float32, device=hidden.device)
     if weights.ndim == 0:
         weights = weights.expand(hidden.shape[0])
     keys: list[str] = []
     loss, *values = _ChunkedLoss.apply(hidden, lm_head_weight, teacher, targets, token_loss, weights, vocab, chunk,
-                                       keys)
+                                       compute_dtype(hidden, lm_head_weight), keys)
     return loss, dict(zip(keys, values))
 
 
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, targets, token_loss, weights, vocab, chunk, keys):
-        used = weight[:vocab]  # a view: padding rows of the embedding are never touched
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        # Accumulate the weight gradient in float32 even for bf16 weights.
+    def forward(ctx, hidden, weight, teacher, targets, token_loss, weights, vocab, chunk, dtype, keys):
+        # The products below are explicit matmuls (some with out=), which autocast never casts:
+        # the inputs are cast to the compute dtype here, once.
+        used = weight[:vocab].detach().to(dtype)     # padding rows of the embedding are never touched
+        inputs = hidden.detach().to(dtype)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        # The weight gradient is summed over chunks in float32, whatever the weights' dtype.
         grad_used = torch.zeros(used.shape, dtype=torch.float32, device=used.device) if weight.requires_grad else None
+        # A 16-bit product is written to `partial`, then added: matmuls cannot accumulate a 16-bit
+        # product into a float32 tensor in place on every device. It is taken a block of vocabulary
+        # rows at a time, so the buffer is small and still in cache when it is added.
+        partial = torch.empty(min(VOCAB_BLOCK, used.shape[0]), used.shape[1], dtype=dtype, device=used.device) \
+            if grad_used is not None and dtype != torch.float32 else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         collected: dict[str, list[torch.Tensor]] = {}
         # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults.
-        buffer = torch.empty(min(chunk, hidden.shape[0]), used.shape[0], dtype=hidden.dtype, device=hidden.device)
+        buffer = torch.empty(min(chunk, hidden.shape[0]), used.shape[0], dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            h = hidden[rows]
-            logits = torch.mm(h, used.T, out=buffer[:h.shape[0]]).detach().float().requires_grad_()
+            h = inputs[rows]
+            logits = torch.mm(h, used.T, out=buffer[:h.shape[0]]).float().requires_grad_()
             with torch.enable_grad():
                 out = token_loss(logits, teacher.rows(rows), targets[rows])
                 chunk_loss = (out["loss"] * weights[rows]).sum()
@@ -77,11 +109,21 @@ class _ChunkedLoss(torch.autograd.Function):
             for key, value in out.items():
                 collected.setdefault(key, []).append(value.detach())
             del out, chunk_loss, logits
-            grad_logits = grad_logits.to(used.dtype)
+            grad_logits = grad_logits.to(dtype)
             if grad_hidden is not None:
-                torch.mm(grad_logits, used, out=grad_hidden[rows])
-            if grad_used is not None:
-                grad_used.addmm_(grad_logits.T.float(), h.float())
+                if grad_hidden.dtype == dtype:
+                    torch.mm(grad_logits, used, out=grad_hidden[rows])
+                else:
+                    grad_hidden[rows] = torch.mm(grad_logits, used)
+            if grad_used is None:
+                continue
+            if partial is None:
+                grad_used.addmm_(grad_logits.T, h)
+                continue
+            for block in range(0, used.shape[0], VOCAB_BLOCK):
+                rows_v = slice(block, block + VOCAB_BLOCK)
+                product = partial[:grad_used[rows_v].shape[0]]
+                grad_used[rows_v] += torch.mm(grad_logits[:, rows_v].T, h, out=product)
         grad_weight = None
         if grad_used is not None:
             if vocab == weight.shape[0] and weight.dtype == torch.float32:
@@ -102,15 +144,16 @@ class _ChunkedLoss(torch.autograd.Function):
         if grad_total is not None and not bool(grad_total == 1):
             grad_hidden = grad_hidden * grad_total if grad_hidden is not None else None
             grad_weight = grad_weight * grad_total if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def naive_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher: TeacherDistribution, targets: torch.Tensor,
                token_loss: PerTokenLoss, token_weights: torch.Tensor | float, *,
                vocab: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The same quantity with the full [N, vocab] logits materialised (the baseline, and for tests)."""
+    """The same quantity with the full [N, vocab] logits materialised (the baseline, and for tests).
+    Under autocast the product runs in the autocast dtype, as lm_head does in a model's forward."""
     vocab = vocab or lm_head_weight.shape[0]
-    logits = hidden @ lm_head_weight[:vocab].T
+    logits = torch.nn.functional.linear(hidden, lm_head_weight[:vocab])
     out = token_loss(logits.float(), teacher, targets)
     loss = (out["loss"] * torch.as_tensor(token_weights, dtype=torch.float32, device=hidden.device)).sum()
     return loss, {key: value.detach() for key, value in out.items()}

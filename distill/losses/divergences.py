@@ -87,10 +87,10 @@ class _JSD(torch.autograd.Function):
     def forward(ctx, logp, logq, beta):
         d = (logp - logq).nan_to_num_(nan=0.0, posinf=1e30, neginf=-1e30)  # log(p/q), p = 0 made finite
         if beta < 0.5:
-            b = torch.logaddexp(d + math.log(beta), torch.tensor(math.log1p(-beta), dtype=d.dtype)).neg_()  # log(q/M)
+            b = torch.logaddexp(d + math.log(beta), _scalar(math.log1p(-beta), d)).neg_()  # log(q/M)
             a = d.add_(b)                                                                                 # log(p/M)
         else:
-            a = torch.logaddexp(math.log1p(-beta) - d, torch.tensor(math.log(beta), dtype=d.dtype)).neg_()  # log(p/M)
+            a = torch.logaddexp(math.log1p(-beta) - d, _scalar(math.log(beta), d)).neg_()  # log(p/M)
             b = d.neg_().add_(a)                                                                            # log(q/M)
         # Where one side is 0 the subtraction above lost the exact limits: log(q/M) = -log(1-beta)
         # where p = 0, log(p/M) = -log(beta) where q = 0.
@@ -146,8 +146,8 @@ def kl_to_mixture(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Ten
     x = w * torch.expm1(d.clamp(max=60.0))
     near_zero = x.abs() <= 0.5
     small = torch.log1p(torch.where(near_zero, x, torch.zeros_like(x)))
-    log_1mw = torch.log1p(torch.tensor(-w)) if w < 1.0 else torch.tensor(float("-inf"))
-    large = torch.logaddexp(log_1mw.to(d), d + torch.log(torch.tensor(w).clamp(min=1e-45)).to(d))
+    log_1mw = math.log1p(-w) if w < 1.0 else float("-inf")
+    large = torch.logaddexp(_scalar(log_1mw, d), d + math.log(max(w, 1e-45)))
     log_m_over_a = torch.where(near_zero, small, large)
     terms = torch.where(present, -loga.exp() * log_m_over_a, torch.zeros_like(d))
     return _clamp(terms.sum(-1))
@@ -156,6 +156,11 @@ def kl_to_mixture(loga: torch.Tensor, logb: torch.Tensor, w: float) -> torch.Ten
 def _xlogy_terms(logx: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """x * log_ratio elementwise, 0 where x = 0; reuses `log_ratio`'s memory (no autograd)."""
     return log_ratio.mul_(logx.exp()).masked_fill_(torch.isneginf(logx), 0.0)
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on `like`'s device and of its dtype, filled there (no host tensor, no copy)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def _clamp(values: torch.Tensor) -> torch.Tensor:

@@ -235,3 +235,134 @@ def test_chunked_loss_in_bfloat16_is_close_to_float32():
                                   targets, token_loss, 1.0, chunk_tokens=4)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=2e-2, atol=1e-2)
+
+
+# --- precision and devices --------------------------------------------------------------------
+
+# bf16 keeps 8 bits of mantissa: a logit is off by up to 2^-9 relative, a product's rounding
+# errors add up over H terms. The chunked loss in bf16 must land this close to the float64 oracle
+# (relative error of the loss and of each gradient, as a whole tensor): the same tolerance the
+# naive path in bf16 meets.
+BF16_TOLERANCE = 2e-2
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("vocab_block", [4096, 16])
+@pytest.mark.parametrize("form", ["full", "topk-tail"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_chunked_loss_in_bf16_against_the_float64_oracle(name, form, vocab_block, monkeypatch):
+    """Under bf16 autocast (float32 master weights, as parallel.mixed_precision=bf16 trains) the
+    vocabulary products run in bf16 and the loss stays within the bf16 tolerance of a float64
+    oracle, in value and gradients; without autocast the same call is the exact float32 path.
+    (vocab_block 16: the weight gradient taken in several blocks of vocabulary rows.)"""
+    monkeypatch.setattr(losses.chunked, "VOCAB_BLOCK", vocab_block)
+    torch.manual_seed(11)
+    tokens, hidden_size = 29, 32
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = (torch.randn(PADDED_STUDENT, hidden_size) * 0.3).requires_grad_()
+    _, teacher_logits = _inputs(seed=12, rows=tokens)
+    teacher, targets = _teacher(form, teacher_logits), torch.randint(0, VOCAB, (tokens,))
+    token_loss = losses.TokenLoss(divergence=name, vocab=VOCAB)
+    token_weights = torch.rand(tokens)
+
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    p, q = _reference_distributions(form, hidden64 @ weight64.T, teacher_logits, 1.0)
+    oracle = (_reference(name, p, q) * token_weights.double()).sum()
+    oracle.backward()
+
+    def run(bf16: bool):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = losses.chunked_loss(hidden, weight, teacher, targets, token_loss, token_weights, vocab=VOCAB,
+                                          chunk_tokens=8)
+        loss.backward()
+        return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    exact, low = run(bf16=False), run(bf16=True)
+    assert all(t.dtype == torch.float32 for t in low)
+    for value, reference in zip(low, (oracle.detach(), hidden64.grad, weight64.grad)):
+        assert _relative_error(value, reference) < BF16_TOLERANCE
+    for value, reference in zip(exact, (oracle.detach(), hidden64.grad, weight64.grad)):
+        assert _relative_error(value, reference) < 1e-5
+    # The bf16 run really ran in bf16: it differs from the float32 one by more than float32 noise.
+    assert _relative_error(low[2], weight64.grad) > 10 * _relative_error(exact[2], weight64.grad)
+
+
+def test_the_compute_dtype_follows_autocast_and_the_weights():
+    hidden, weight = torch.randn(2, 4), torch.randn(3, 4)
+    assert losses.chunked.compute_dtype(hidden, weight) == torch.float32
+    assert losses.chunked.compute_dtype(hidden, weight.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses.chunked.compute_dtype(hidden, weight) == torch.bfloat16
+
+
+def test_the_chunk_size_follows_the_memory_budget_of_the_device():
+    vocab = 151_936
+    assert losses.chunked.chunk_tokens_for(vocab, torch.device("cpu")) == 128 * 2 ** 20 // (4 * vocab)   # 220
+    assert losses.chunked.chunk_tokens_for(vocab, torch.device("cuda")) == 2 ** 30 // (4 * vocab)        # 1,766
+    assert losses.chunked.chunk_tokens_for(vocab, torch.device("cpu"), chunk_bytes=4 * vocab * 64) == 64
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+@pytest.mark.parametrize("implementation", ["chunked", "naive"])
+@pytest.mark.parametrize("case", [f"{n}/{f}" for n in NAMES for f in FORMS] + ["sampled_token"])
+def test_no_loss_makes_a_tensor_off_its_inputs_device(case, implementation, precision):
+    """Inputs on the CPU, the default device set to `meta`: a tensor a loss makes without an
+    explicit device (a host tensor, on a GPU run) lands on meta and the call fails. Every
+    divergence, both teacher forms, both paths, the on-policy estimator, float32 and bf16."""
+    torch.manual_seed(13)
+    tokens, hidden_size = 6, 8
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(PADDED_STUDENT, hidden_size, requires_grad=True)
+    _, teacher_logits = _inputs(seed=14, rows=tokens)
+    targets = torch.randint(0, VOCAB, (tokens,))
+    if case == "sampled_token":
+        teacher = losses.SampledTokenTeacher(torch.log_softmax(teacher_logits[:, :VOCAB], -1).gather(
+            -1, targets[:, None])[:, 0])
+        token_loss = lambda logits, t, y: losses.sampled_token_reverse_kl(logits, t, y, vocab=VOCAB)  # noqa: E731
+    else:
+        name, form = case.split("/")
+        teacher = _teacher(form, teacher_logits)
+        token_loss = losses.TokenLoss(divergence=name, missing_mass=form.removeprefix("topk-") if form != "full"
+                                      else "tail", temperature=1.5, ce_weight=0.2, vocab=VOCAB)
+    with torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if implementation == "chunked":
+            loss, _ = losses.chunked_loss(hidden, weight, teacher, targets, token_loss, 1.0 / tokens, vocab=VOCAB,
+                                          chunk_tokens=4)
+        else:
+            loss, _ = losses.naive_loss(hidden, weight, teacher, targets, token_loss, 1.0 / tokens, vocab=VOCAB)
+        loss.backward()
+    assert loss.device.type == "cpu" and hidden.grad.device.type == "cpu" and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU half of this check runs on GPU "
+                    "machines (the meta-device test above covers host tensors here)")
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_divergence_runs_on_cuda_as_on_the_cpu(name, form):
+    """On a GPU, in float32 and under bf16 autocast: the chunked loss equals the CPU's (float32),
+    and stays within the bf16 tolerance of it (bf16)."""
+    torch.manual_seed(15)
+    tokens, hidden_size = 37, 32
+    hidden, weight = torch.randn(tokens, hidden_size), torch.randn(PADDED_STUDENT, hidden_size) * 0.3
+    _, teacher_logits = _inputs(seed=16, rows=tokens)
+    targets = torch.randint(0, VOCAB, (tokens,))
+    token_loss = losses.TokenLoss(divergence=name, missing_mass=form.removeprefix("topk-") if form != "full"
+                                  else "tail", vocab=VOCAB)
+
+    def run(device, bf16=False):
+        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+        teacher = _teacher(form, teacher_logits.to(device))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = losses.chunked_loss(h, w, teacher, targets.to(device), token_loss, 1.0 / tokens, vocab=VOCAB,
+                                          chunk_tokens=8)
+        loss.backward()
+        return [t.detach().cpu().double() for t in (loss, h.grad, w.grad)]
+
+    cpu, cuda, cuda_bf16 = run("cpu"), run("cuda"), run("cuda", bf16=True)
+    for a, b, c in zip(cpu, cuda, cuda_bf16):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        assert float((c - a).norm() / a.norm().clamp(min=1e-12)) < BF16_TOLERANCE

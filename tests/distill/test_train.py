@@ -82,7 +82,7 @@ def test_chunked_and_naive_objectives_agree(preset):
     examples = _examples(4, seed=3)
     batch = collate(examples, pad_id=0, max_length=64)
     model = _model(preset)
-    chunked = distillation_objective(LossConfig(divergence="reverse_kl", chunk_tokens=7), REAL)
+    chunked = distillation_objective(LossConfig(divergence="reverse_kl", chunk_bytes=7 * 4 * REAL), REAL)
     naive = distillation_objective(LossConfig(divergence="reverse_kl", implementation="naive"), REAL)
     loss_c, metrics_c = chunked(model, batch, batch.num_targets)
     loss_n, metrics_n = naive(model, batch, batch.num_targets)
