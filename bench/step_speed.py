@@ -41,7 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--part", nargs="+", default=["loss", "step"], choices=["loss", "step"])
-    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "float32"])
+    # loss: bf16 = bf16 hidden states and lm_head; autocast = float32 ones under bf16 autocast (as
+    # training with parallel.mixed_precision=bf16 holds them); step: bf16 = bf16 autocast.
+    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "autocast", "float32"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="loss: tokens")
     parser.add_argument("--hidden", type=int, default=1024, help="loss: hidden size; step: overrides the preset's")
     parser.add_argument("--vocab", type=int, default=151_936)
@@ -130,6 +132,7 @@ def loss_case(config: dict) -> dict:
 
     device, n, h, v, k = torch.device(config["device"]), config["tokens"], config["hidden"], config["vocab"], 20
     dtype = torch.bfloat16 if config["dtype"] == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["dtype"] == "autocast")
     hidden = torch.randn(n, h, device=device, dtype=dtype).requires_grad_()
     weight = (torch.randn(v, h, device=device) * (3 / h ** 0.5)).to(dtype).requires_grad_()   # logits of std ~3
     targets = torch.randint(0, v, (n,), device=device)
@@ -141,7 +144,8 @@ def loss_case(config: dict) -> dict:
         function = losses.chunked_loss if impl == "chunked" else losses.naive_loss
 
         def call():
-            loss, _ = function(hidden, weight, teacher, targets, token_loss, 1.0 / n, **budget)
+            with autocast:
+                loss, _ = function(hidden, weight, teacher, targets, token_loss, 1.0 / n, **budget)
             loss.backward()
     elif impl == "trl":
         from trl.experimental.gkd import GKDTrainer
@@ -149,8 +153,10 @@ def loss_case(config: dict) -> dict:
         teacher_logits = (torch.randn(n, v, device=device) * 3).to(dtype)
 
         def call():
-            student_logits = (hidden @ weight.T).unsqueeze(0)
-            GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits.unsqueeze(0), beta=0.0).backward()
+            with autocast:
+                student_logits = (hidden @ weight.T).unsqueeze(0)
+                loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits.unsqueeze(0), beta=0.0)
+            loss.backward()
     else:
         from liger_kernel.transformers import LigerFusedLinearJSD
 
@@ -162,7 +168,9 @@ def loss_case(config: dict) -> dict:
             fused, config = LigerFusedLinearJSD(jsd_beta=0.5), {**config, "liger_beta": 0.5}
 
         def call():
-            fused(hidden, weight, teacher_hidden, teacher_weight).backward()
+            with autocast:
+                loss = fused(hidden, weight, teacher_hidden, teacher_weight)
+            loss.backward()
 
     seconds, peak, baseline = measure(call, device, config["repeats"], reset=lambda: _clear_grads(hidden, weight))
     return {**config, "seconds": round(seconds, 4), "added_gb": round((peak - baseline) / 2 ** 30, 3)}

@@ -31,7 +31,11 @@ from distill.losses.support import TeacherDistribution
 # sizes; on a GPU large ones keep the matmuls long enough for the tensor cores.
 DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2 ** 20, "cuda": 2 ** 30}
 
-# Vocabulary rows per block of a 16-bit weight-gradient product (its buffer: VOCAB_BLOCK x H).
+# A 16-bit weight-gradient product is taken for at least this many tokens at a time (matmuls
+# with a short inner dimension run far below peak: 4x on this project's CPU at 220 tokens against
+# 440), and VOCAB_BLOCK vocabulary rows at a time (its buffer: VOCAB_BLOCK x H, still in cache
+# when it is added to the float32 sum).
+GROUP_TOKENS = 400
 VOCAB_BLOCK = 4096
 
 PerTokenLoss = Callable[[torch.Tensor, TeacherDistribution, torch.Tensor], dict[str, torch.Tensor]]
@@ -85,45 +89,48 @@ class _ChunkedLoss(torch.autograd.Function):
         # the inputs are cast to the compute dtype here, once.
         used = weight[:vocab].detach().to(dtype)     # padding rows of the embedding are never touched
         inputs = hidden.detach().to(dtype)
+        tokens = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         # The weight gradient is summed over chunks in float32, whatever the weights' dtype.
         grad_used = torch.zeros(used.shape, dtype=torch.float32, device=used.device) if weight.requires_grad else None
-        # A 16-bit product is written to `partial`, then added: matmuls cannot accumulate a 16-bit
-        # product into a float32 tensor in place on every device. It is taken a block of vocabulary
-        # rows at a time, so the buffer is small and still in cache when it is added.
-        partial = torch.empty(min(VOCAB_BLOCK, used.shape[0]), used.shape[1], dtype=dtype, device=used.device) \
-            if grad_used is not None and dtype != torch.float32 else None
+        # In a 16-bit dtype the weight gradient is taken for a group of chunks at once, from their
+        # logit gradients kept in that dtype: a matmul whose inner dimension (tokens) is short
+        # runs far below peak. float32 sums each chunk straight into the gradient.
+        sixteen_bit = grad_used is not None and dtype != torch.float32
+        group = -(-GROUP_TOKENS // chunk) * chunk if sixteen_bit else chunk
+        pending = torch.empty(min(group, tokens), used.shape[0], dtype=dtype, device=used.device) if sixteen_bit \
+            else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         collected: dict[str, list[torch.Tensor]] = {}
         # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults.
-        buffer = torch.empty(min(chunk, hidden.shape[0]), used.shape[0], dtype=dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h = inputs[rows]
-            logits = torch.mm(h, used.T, out=buffer[:h.shape[0]]).float().requires_grad_()
-            with torch.enable_grad():
-                out = token_loss(logits, teacher.rows(rows), targets[rows])
-                chunk_loss = (out["loss"] * weights[rows]).sum()
-            (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            total += chunk_loss.detach()
-            for key, value in out.items():
-                collected.setdefault(key, []).append(value.detach())
-            del out, chunk_loss, logits
-            grad_logits = grad_logits.to(dtype)
-            if grad_hidden is not None:
-                if grad_hidden.dtype == dtype:
-                    torch.mm(grad_logits, used, out=grad_hidden[rows])
+        buffer = torch.empty(min(chunk, tokens), used.shape[0], dtype=dtype, device=hidden.device)
+        for group_start in range(0, tokens, group):
+            group_stop = min(group_start + group, tokens)
+            for start in range(group_start, group_stop, chunk):
+                rows = slice(start, min(start + chunk, group_stop))
+                h = inputs[rows]
+                logits = torch.mm(h, used.T, out=buffer[:h.shape[0]]).float().requires_grad_()
+                with torch.enable_grad():
+                    out = token_loss(logits, teacher.rows(rows), targets[rows])
+                    chunk_loss = (out["loss"] * weights[rows]).sum()
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+                total += chunk_loss.detach()
+                for key, value in out.items():
+                    collected.setdefault(key, []).append(value.detach())
+                del out, chunk_loss, logits
+                if sixteen_bit:
+                    grad_logits = pending[start - group_start:rows.stop - group_start].copy_(grad_logits)
                 else:
-                    grad_hidden[rows] = torch.mm(grad_logits, used)
-            if grad_used is None:
-                continue
-            if partial is None:
-                grad_used.addmm_(grad_logits.T, h)
-                continue
-            for block in range(0, used.shape[0], VOCAB_BLOCK):
-                rows_v = slice(block, block + VOCAB_BLOCK)
-                product = partial[:grad_used[rows_v].shape[0]]
-                grad_used[rows_v] += torch.mm(grad_logits[:, rows_v].T, h, out=product)
+                    grad_logits = grad_logits.to(dtype)
+                if grad_hidden is not None:
+                    if grad_hidden.dtype == dtype:
+                        torch.mm(grad_logits, used, out=grad_hidden[rows])
+                    else:
+                        grad_hidden[rows] = torch.mm(grad_logits, used)
+                if grad_used is not None and not sixteen_bit:
+                    grad_used.addmm_(grad_logits.T, h)
+            if sixteen_bit:
+                _add_product(grad_used, pending[:group_stop - group_start], inputs[group_start:group_stop])
         grad_weight = None
         if grad_used is not None:
             if vocab == weight.shape[0] and weight.dtype == torch.float32:
@@ -145,6 +152,17 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_total if grad_hidden is not None else None
             grad_weight = grad_weight * grad_total if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _add_product(total: torch.Tensor, grad_logits: torch.Tensor, inputs: torch.Tensor) -> None:
+    """total (float32 [V, H]) += grad_logits.T @ inputs, the product in their 16-bit dtype, a block
+    of vocabulary rows at a time: matmuls cannot accumulate a 16-bit product into a float32 tensor
+    in place on every device, so each block's product goes through a small buffer."""
+    buffer = torch.empty(min(VOCAB_BLOCK, total.shape[0]), total.shape[1], dtype=inputs.dtype, device=inputs.device)
+    for block in range(0, total.shape[0], VOCAB_BLOCK):
+        rows = slice(block, block + VOCAB_BLOCK)
+        product = buffer[:total[rows].shape[0]]
+        total[rows] += torch.mm(grad_logits[:, rows].T, inputs, out=product)
 
 
 def naive_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher: TeacherDistribution, targets: torch.Tensor,

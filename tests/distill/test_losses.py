@@ -250,15 +250,17 @@ def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.double() - reference).norm() / reference.norm())
 
 
-@pytest.mark.parametrize("vocab_block", [4096, 16])
+@pytest.mark.parametrize("blocks", ["whole", "small"])
 @pytest.mark.parametrize("form", ["full", "topk-tail"])
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
-def test_chunked_loss_in_bf16_against_the_float64_oracle(name, form, vocab_block, monkeypatch):
+def test_chunked_loss_in_bf16_against_the_float64_oracle(name, form, blocks, monkeypatch):
     """Under bf16 autocast (float32 master weights, as parallel.mixed_precision=bf16 trains) the
     vocabulary products run in bf16 and the loss stays within the bf16 tolerance of a float64
     oracle, in value and gradients; without autocast the same call is the exact float32 path.
-    (vocab_block 16: the weight gradient taken in several blocks of vocabulary rows.)"""
-    monkeypatch.setattr(losses.chunked, "VOCAB_BLOCK", vocab_block)
+    (small: the bf16 weight gradient taken in two groups of chunks, by blocks of 16 vocabulary rows.)"""
+    if blocks == "small":
+        monkeypatch.setattr(losses.chunked, "VOCAB_BLOCK", 16)
+        monkeypatch.setattr(losses.chunked, "GROUP_TOKENS", 16)
     torch.manual_seed(11)
     tokens, hidden_size = 29, 32
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
