@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from loss_memory import peak_memory_mb, settle_and_reset_peak   # bench/: run as a script, this folder is on the path
+
 # bf16 dense peak of the H200 (and H100) SXM, for MFU.
 PEAK_FLOPS = {"cuda": 989e12}
 
@@ -265,12 +267,10 @@ def step_case(config: dict) -> dict:
 def measure(call, device, repeats: int, reset=lambda: None) -> tuple[float, float, float]:
     """(median seconds of `repeats` calls after a warm-up, peak bytes held during them, bytes held
     before them)."""
-    import torch
-
     reset()
     call()   # warm-up: kernels chosen, optimizer state allocated
     reset()
-    baseline = _settle(device)
+    baseline = settle_and_reset_peak(device)
     times = []
     for _ in range(repeats):
         reset()
@@ -279,8 +279,8 @@ def measure(call, device, repeats: int, reset=lambda: None) -> tuple[float, floa
         call()
         _sync(device)
         times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
-    return statistics.median(times), peak, baseline
+    peak_mb, _ = peak_memory_mb(device, baseline)
+    return statistics.median(times), peak_mb * 2 ** 20, baseline
 
 
 def _sync(device) -> None:
@@ -288,27 +288,6 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _settle(device) -> float:
-    """Bytes held now, with the peak counter reset to it."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM, the peak resident set size
-    return _status_kb("VmRSS") * 1024
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # --- the tables -------------------------------------------------------------------------------

@@ -208,6 +208,12 @@ class HomeModel:
         finally:
             _drop_parameters(model)
 
+    def restore(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """End of the stage: the student object holds `state` (the trained weights) for good."""
+        self.fill(self.model, state)
+        self.model.train(False)
+        return self.model
+
     def write_weights(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         save_file(_without_tied(self.model, state), str(path), metadata={"format": "pt"})
 
@@ -304,9 +310,7 @@ class FSDP2:
         return self.home.filled(model, self._full_state(cpu=False))
 
     def finish(self) -> torch.nn.Module:
-        self.home.fill(self.home.model, self._full_state(cpu=False))
-        self.home.model.train(False)
-        return self.home.model
+        return self.home.restore(self._full_state(cpu=False))
 
     def save(self, folder: Path, write: bool) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -429,9 +433,7 @@ class ZeRO3:
         return self.home.filled(model, self._full_state(cpu=False))
 
     def finish(self) -> torch.nn.Module:
-        self.home.fill(self.home.model, self._full_state(cpu=False))
-        self.home.model.train(False)
-        return self.home.model
+        return self.home.restore(self._full_state(cpu=False))
 
     def save(self, folder: Path, write: bool) -> None:
         from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
