@@ -99,8 +99,14 @@ def run_in_child(config: dict, memory_gb: float) -> dict:
     expected = expected_gb(config)
     if expected > memory_gb:
         return {**config, "skipped": f"does not fit: about {expected:.0f} GB expected, limit {memory_gb:.0f} GB"}
+    return run_script_in_child(__file__, config)
+
+
+def run_script_in_child(script: str, config: dict) -> dict:
+    """`script --one CONFIG` in a fresh process with one torch thread (so its peak resident set is
+    its own): the JSON line it prints, or the config with why it failed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, script, "--one", json.dumps(config)], capture_output=True, text=True,
                           env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:

@@ -27,13 +27,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
-from loss_memory import peak_memory_mb, settle_and_reset_peak   # bench/: run as a script, this folder is on the path
+from loss_memory import peak_memory_mb, run_script_in_child, settle_and_reset_peak   # bench/: run as a script, this folder is on the path
 
 # bf16 dense peak of the H200 (and H100) SXM, for MFU.
 PEAK_FLOPS = {"cuda": 989e12}
@@ -94,14 +91,7 @@ def main() -> None:
 
 def run_isolated(config: dict) -> dict:
     """A CPU configuration in a fresh process: its peak resident set is its own."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True,
-                          env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        reason = "killed (out of memory)" if done.returncode in (-9, 137) else done.stderr.strip().splitlines()[-1:]
-        return {**config, "failed": reason}
-    return json.loads(lines[-1])
+    return run_script_in_child(__file__, config)
 
 
 def run_guarded(config: dict) -> dict:

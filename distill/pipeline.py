@@ -65,13 +65,13 @@ def run(cfg: Config, *, progress: bool = True) -> RunSummary:
     with tracker, contextlib.ExitStack() as cleanup:  # cleanup: a vLLM server started for the run
         if proc.main:
             atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
-        dataset = load_chat_dataset(cfg.data, resolve_cache_dir(cfg.cache_dir))
+        cache_dir = resolve_cache_dir(cfg.cache_dir)
+        dataset = load_chat_dataset(cfg.data, cache_dir)
         if cfg.data.source != BUILTIN_SOURCE:
             dataset = drop_long_prompts(dataset, tokenizer, cfg.data)
 
         with timed(summary, "teacher"), main_process_first(proc):
-            teacher = prepare_teacher(cfg, tokenizer, dataset["train"], resolve_cache_dir(cfg.cache_dir), tracker,
-                                      progress)
+            teacher = prepare_teacher(cfg, tokenizer, dataset["train"], cache_dir, tracker, progress)
         if teacher.model is not None and getattr(teacher.model, "hf_device_map", None) is None:
             teacher.model.to(device)  # a quantized or device-mapped teacher stays where it was placed
         backend = teacher_backend(cfg, teacher, tokenizer, run_dir, progress, cleanup)
