@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,7 +131,9 @@ class Command:
 
 def main(argv: list[str] | None, command: Command) -> int:
     """Parse, validate every job, then show or run them; a user's mistake is one line on stderr and
-    exit status 2, an interrupt exit status 130."""
+    exit status 2, an interrupt (Ctrl-C, or SIGTERM, which is handled alike) exit status 130."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         line = parse(sys.argv[1:] if argv is None else argv)
         if line.help:
@@ -153,10 +157,17 @@ def main(argv: list[str] | None, command: Command) -> int:
     except (UserError, MemoryError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"interrupted: {error}" if str(error) else "interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _place_jobs(command: Command, jobs: list[list[str]], configs: list, write_index: bool) -> list:

@@ -15,6 +15,10 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the key and the fix."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; the message says how to continue it (one line)."""
+
+
 def first_line(error: BaseException | str, limit: int = 300) -> str:
     """The first line of an error's message (or its type's name when the message is empty), for
     one-line reports of failures raised by libraries."""

@@ -12,7 +12,8 @@ A checkpoint is a folder `step-000120/` holding everything the next step depends
   accumulators and the records logged so far.
 
 It is assembled under a temporary name and renamed into place, then `latest` is rewritten
-atomically to name it; older checkpoints beyond `keep` are removed. A crash at any moment leaves
+atomically to name it; older checkpoints beyond `keep` are removed. Everything is flushed to the
+disk (fsync) before `latest` names it, so a crash at any moment, a power loss included, leaves
 `latest` naming a complete checkpoint (or none). Restoring gives bitwise the state the
 uninterrupted run had after that step (a test kills runs with SIGKILL and compares).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distill.common.files import atomic_write_text
+from distill.common.files import atomic_write_text, fsync_tree
 from distill.parallel import Engine
 
 LATEST = "latest"
@@ -63,6 +64,7 @@ class StepCheckpoints:
             return None
         torch.save(torch.get_rng_state(), staging / RNG_FILE)
         (staging / "state.json").write_text(json.dumps({"step": step, **state}))
+        fsync_tree(staging)   # on the disk before `latest` names it, and before older ones go
         final = self.folder / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)

@@ -8,6 +8,7 @@ loop consumes.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from distill.common.errors import ConfigError, first_line
 from distill.config import DataConfig
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE, write_splits
-from distill.students.chat import prompt_messages, render_prompt
+from distill.students.chat import MODES, prompt_messages, render_prompt
 
 
 def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
@@ -36,9 +37,13 @@ def load_chat_dataset(cfg: DataConfig, cache_dir: Path) -> datasets.DatasetDict:
         if len(loaded[split]) == 0:
             raise ConfigError(f"dataset '{cfg.source}' split '{split}' is empty")
     if cfg.source != BUILTIN_SOURCE:
+        # Checked as the file holds them, before any split is carved out: a bad row is named by
+        # its line in a JSONL file.
+        lines = Path(cfg.source).suffix.lower() == ".jsonl"
         loaded = datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'",
-                                                             malformed_reason, cfg.max_malformed)
+                                                             malformed_reason, cfg.max_malformed, lines=lines)
                                        for split, rows in loaded.items()})
+        loaded = _hold_out(loaded)
     return loaded
 
 
@@ -59,17 +64,20 @@ def malformed_reason(row: dict) -> str | None:
     return None
 
 
-def drop_malformed(rows: datasets.Dataset, what: str, reason, threshold: float) -> datasets.Dataset:
+def drop_malformed(rows: datasets.Dataset, what: str, reason, threshold: float, *,
+                   lines: bool = False) -> datasets.Dataset:
     """Skip the rows `reason(row)` refuses, saying how many, while they are at most `threshold` of
-    the rows; above it, stop with one line naming the first bad row and why."""
+    the rows; above it, stop with one line naming the first bad row (`lines`: by its line in
+    the file) and why."""
     reasons = [reason(row) for row in rows]
     bad = [i for i, r in enumerate(reasons) if r is not None]
     if not bad:
         return rows
+    first = f"line {bad[0] + 1}" if lines else f"row {bad[0]}"
     if len(bad) > threshold * len(rows):
-        raise ConfigError(f"{what}: {len(bad)} of {len(rows)} rows are unusable (row {bad[0]}: {reasons[bad[0]]}); "
+        raise ConfigError(f"{what}: {len(bad)} of {len(rows)} rows are unusable ({first}: {reasons[bad[0]]}); "
                           f"fix them, or allow up to a share of them with data.max_malformed (now {threshold})")
-    print(f"warning: {what}: skipped {len(bad)} of {len(rows)} unusable rows (row {bad[0]}: {reasons[bad[0]]})")
+    print(f"warning: {what}: skipped {len(bad)} of {len(rows)} unusable rows ({first}: {reasons[bad[0]]})")
     keep = set(range(len(rows))) - set(bad)
     return rows.select(sorted(keep))
 
@@ -79,7 +87,8 @@ def drop_long_prompts(loaded: datasets.DatasetDict, tokenizer: PreTrainedTokeniz
     """Rows whose prompt leaves no room for a reply within data.max_length, counted and skipped
     like malformed rows."""
     def too_long(row):
-        length = len(render_prompt(tokenizer, prompt_messages(row["messages"]), "think"))
+        # The longer of the two modes' renderings (the non-thinking one carries an empty think block).
+        length = max(len(render_prompt(tokenizer, prompt_messages(row["messages"]), mode)) for mode in MODES)
         return None if length < cfg.max_length - 1 else (f"its prompt is {length} tokens, data.max_length is "
                                                            f"{cfg.max_length}; raise data.max_length")
     return datasets.DatasetDict({split: drop_malformed(rows, f"dataset '{cfg.source}' split '{split}'", too_long,
@@ -94,6 +103,8 @@ def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDic
             raise ConfigError(f"data.source file '{source}' does not exist")
         if path.stat().st_size == 0:
             raise ConfigError(f"dataset '{source}' is empty: give a file with one chat row per line")
+        if suffix == ".jsonl":
+            _check_json_lines(path)
         try:
             loaded = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path))
         except Exception as error:  # noqa: BLE001 - malformed JSON/Parquet surfaces as many types
@@ -112,11 +123,39 @@ def _load_user_dataset(source: str, messages_column: str) -> datasets.DatasetDic
     if messages_column not in loaded["train"].column_names:
         raise ConfigError(f"dataset '{source}' has no '{messages_column}' column (columns: "
                           f"{', '.join(loaded['train'].column_names)}); set data.messages_column")
-    if "test" not in loaded and len(loaded["train"]) >= 2:
-        # Hold out a fixed slice so evaluation never sees training prompts.
-        held = loaded["train"].train_test_split(test_size=min(500, max(1, len(loaded["train"]) // 10)), seed=0)
-        loaded = datasets.DatasetDict(train=held["train"], test=held["test"])
     return loaded
+
+
+def _hold_out(loaded: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Splits the source lacks, held out of train (fixed by a seed) so that evaluation never sees
+    training prompts: test (the final eval: a tenth, at most 500 rows), then validation (periodic
+    eval: a twentieth, at most 200)."""
+    for split, share, most in (("test", 10, 500), ("validation", 20, 200)):
+        if split not in loaded and len(loaded["train"]) >= 2:
+            held = loaded["train"].train_test_split(test_size=min(most, max(1, len(loaded["train"]) // share)), seed=0)
+            loaded = datasets.DatasetDict({**loaded, "train": held["train"], split: held["test"]})
+    return loaded
+
+
+def _check_json_lines(path: Path) -> None:
+    """One line naming the first line of a JSONL file that is not UTF-8 or not a JSON object."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"dataset '{path}' line {number} is not UTF-8 text (byte {error.start}); save the "
+                                  "file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError as error:
+                raise ConfigError(f"dataset '{path}' line {number} is not JSON ({error.msg}); give one JSON object "
+                                  "per line") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"dataset '{path}' line {number} is not a JSON object; give one object per line, "
+                                  "e.g. {\"messages\": [...]}")
 
 
 @dataclass
@@ -134,13 +173,17 @@ class Example:
 
 @dataclass
 class TokenBatch:
-    """Right-padded sequences in logit coordinates: position t predicts input_ids[:, t + 1].
+    """Sequences laid in rows, in logit coordinates: position t predicts input_ids[:, t + 1].
 
-    input_ids, attention_mask: [B, L]; target_mask: [B, L] True where the next token is a
-    response token (prompt tokens never count; the final eos always does);
-    targets: [B, L] the next token; topk_ids / topk_logprobs: [B, L, K] or None;
-    token_logprobs: [B, L] the teacher's log-probability of each target token, or None.
-    `stats` are numbers about how the batch was made (on-policy rollouts), logged with the step.
+    input_ids, attention_mask: [B, L], attention_mask 1 on real tokens and 0 on padding;
+    target_mask: [B, L] True where the next token is a response token (prompt tokens never
+    count; the final eos always does); targets: [B, L] the next token; topk_ids / topk_logprobs:
+    [B, L, K] or None; token_logprobs: [B, L] the teacher's log-probability of each target token,
+    or None. `position_ids` [B, L] is set when rows are packed (several sequences per row, each
+    starting again at position 0; the model then keeps attention inside each sequence); None
+    means one right-padded sequence per row.
+    `stats` are numbers about how the batch was made (padding, on-policy rollouts), logged with
+    the step.
     """
 
     input_ids: torch.Tensor
@@ -152,58 +195,106 @@ class TokenBatch:
     mode: str | None = None     # "think" / "no_think" when every row is of one mode
     token_logprobs: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    position_ids: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
         return int(self.target_mask.sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """What the model is called with: packed rows by their positions (transformers then
+        builds a block-diagonal causal mask from where the positions restart), padded rows by
+        their attention mask. Call it without a KV cache (`use_cache=False`): transformers looks
+        for packed rows only then."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
 
 def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | None = None,
-            stats: dict[str, float] | None = None) -> TokenBatch:
+            stats: dict[str, float] | None = None, pack: bool = False) -> TokenBatch:
+    """Examples (each cut to `max_length` tokens) as one batch: a row each, right-padded, or with
+    `pack` several per row in rows as wide as the longest (`pack_rows`). The stats record the padding
+    share of the layout used and of the one-per-row layout (`padding_unpacked`)."""
     lengths = [min(len(e.prompt) + len(e.response), max_length) for e in examples]
-    width = max(lengths)
-    batch, k = len(examples), (examples[0].topk_ids.shape[-1] if examples[0].topk_ids is not None else 0)
+    rows = pack_rows(lengths) if pack else [[i] for i in range(len(examples))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    batch, k = len(rows), (examples[0].topk_ids.shape[-1] if examples[0].topk_ids is not None else 0)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long) if pack else None
     target_mask = torch.zeros((batch, width), dtype=torch.bool)
     targets = torch.zeros((batch, width), dtype=torch.long)
     topk_ids = torch.zeros((batch, width, k), dtype=torch.long) if k else None
     topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32) if k else None
     chosen = torch.zeros((batch, width), dtype=torch.float32) if examples[0].token_logprobs is not None else None
-    for row, (example, length) in enumerate(zip(examples, lengths)):
-        sequence = torch.tensor((example.prompt + example.response)[:length])
-        input_ids[row, :length] = sequence
-        attention_mask[row, :length] = 1
-        start = len(example.prompt) - 1          # logit position predicting the first response token
-        stop = length - 1                        # last position that has a next token
-        if stop <= start:
-            continue
-        # Target positions are chosen by index, never by token id: with pad == eos the final eos
-        # still counts.
-        target_mask[row, start:stop] = True
-        targets[row, :stop] = sequence[1:length]
-        if k:
-            topk_ids[row, start:stop] = example.topk_ids[:stop - start].long()
-            topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
-        if chosen is not None:
-            chosen[row, start:stop] = example.token_logprobs[:stop - start].float()
+    for row, members in enumerate(rows):
+        offset = 0
+        for index in members:
+            example, length = examples[index], lengths[index]
+            at = slice(offset, offset + length)
+            sequence = torch.tensor((example.prompt + example.response)[:length])
+            input_ids[row, at] = sequence
+            attention_mask[row, at] = 1
+            if position_ids is not None:
+                position_ids[row, at] = torch.arange(length)
+            begin, offset = offset, offset + length
+            start = begin + len(example.prompt) - 1   # logit position predicting the first response token
+            stop = begin + length - 1                 # last position whose next token is this example's
+            if stop <= start:
+                continue
+            # Target positions are chosen by index, never by token id: with pad == eos the final
+            # eos still counts.
+            target_mask[row, start:stop] = True
+            targets[row, begin:stop] = sequence[1:length]
+            if k:
+                topk_ids[row, start:stop] = example.topk_ids[:stop - start].long()
+                topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
+            if chosen is not None:
+                chosen[row, start:stop] = example.token_logprobs[:stop - start].float()
+        if position_ids is not None and offset < width:
+            # The row's padding tail counts on from its last sequence, so that it forms one more
+            # sequence of its own that no real token attends to.
+            position_ids[row, offset:] = torch.arange(width - offset)
+    real = sum(lengths)
+    layout = {"padding": 1 - real / (batch * width),
+              "padding_unpacked": 1 - real / (len(examples) * max(lengths))}
     return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs, mode, chosen,
-                      dict(stats or {}))
+                      {**layout, **(stats or {})}, position_ids)
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows as wide as the longest sequence (first fit,
+    longest first). Rows are never wider than one padded row would be, so attention, whose cost
+    grows with the square of a row's width, costs no more than padding would; what packing
+    removes is the padding of the shorter sequences."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r in range(len(rows)) if fill[r] + lengths[i] <= width), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        fill[row] += lengths[i]
+    return [sorted(row) for row in rows]
 
 
 class ModeAlternatingBatches:
     """Endless optimizer steps, each a list of `micro_batches` batches, alternating the modes.
 
     One mode per micro-batch keeps padding low: no_think replies are a few tokens, think
-    replies tens. Each mode's examples are reshuffled every epoch; a mode with no examples is
+    replies tens; `pack` lays each micro-batch's sequences several to a row (`collate`). Each mode's examples are reshuffled every epoch; a mode with no examples is
     skipped. Resumable: `state_dict()` after step n, loaded into a fresh instance, yields
     exactly what step n + 1 onwards would have. Data-parallel: every rank draws the same batch and
     keeps rows rank, rank + world, ...
     """
 
     def __init__(self, examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
-                 micro_batches: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
-        self.rank, self.world = rank, world
+                 micro_batches: int = 1, seed: int = 0, rank: int = 0, world: int = 1, pack: bool = False):
+        self.rank, self.world, self.pack = rank, world, pack
         self.examples, self.batch_size, self.pad_id, self.max_length = examples, batch_size, pad_id, max_length
         self.micro_batches = micro_batches
         self.rng = random.Random(seed)
@@ -227,7 +318,8 @@ class ModeAlternatingBatches:
                 self.orders[mode].extend(order)
             chosen, self.orders[mode] = self.orders[mode][:self.batch_size], self.orders[mode][self.batch_size:]
             mine = chosen[self.rank::self.world]
-            step.append(collate([self.examples[mode][i] for i in mine], self.pad_id, self.max_length, mode))
+            step.append(collate([self.examples[mode][i] for i in mine], self.pad_id, self.max_length, mode,
+                                pack=self.pack))
         return step
 
     def state_dict(self) -> dict:

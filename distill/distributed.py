@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from distill.common.errors import ConfigError
+from distill.workers import exit_with_parent
 
 
 @dataclass
@@ -40,6 +41,14 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+    def share(self, value):
+        """The main process's `value` (any picklable object), in every process."""
+        if self.world == 1:
+            return value
+        holder = [value if self.main else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def total(self, count: int) -> int:
         """The sum of `count` over all processes."""
@@ -81,6 +90,8 @@ def processes(device: torch.device) -> Processes:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    # A rank whose launcher is killed exits instead of waiting in a collective for peers that are gone.
+    exit_with_parent()
     accelerator = Accelerator(cpu=device.type == "cpu")
     plugin = {DistributedType.FSDP: "fsdp2", DistributedType.DEEPSPEED: "zero3"}.get(accelerator.distributed_type)
     if plugin is not None:

@@ -62,8 +62,8 @@ class OnPolicyBatches:
     def __init__(self, student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase,
                  prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
                  offpolicy=None, seed: int = 0, generation_batch_size: int = 256, modes: tuple[str, ...] = MODES,
-                 rank: int = 0, world: int = 1, policy_weights=None):
-        self.rank, self.world = rank, world
+                 rank: int = 0, world: int = 1, policy_weights=None, pack: bool = False):
+        self.rank, self.world, self.pack = rank, world, pack
         # A context manager that puts the current weights into the student for the rollouts
         # (a sharded engine's gather; by default the student already holds them).
         self.policy_weights = policy_weights or contextlib.nullcontext
@@ -110,7 +110,7 @@ class OnPolicyBatches:
             micro.append(rollout_batch(student, self.teacher, self.tokenizer,
                                        [self.rendered[mode][i] for i in chosen[self.rank::self.world]], mode, cfg,
                                        sampling=self.sampling, seed=seed, max_length=self.max_length,
-                                       generation_batch_size=self.generation_batch_size))
+                                       generation_batch_size=self.generation_batch_size, pack=self.pack))
         return micro
 
     def state_dict(self) -> dict:
@@ -126,8 +126,9 @@ class OnPolicyBatches:
 
 def rollout_batch(student: PreTrainedModel, teacher, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
                   mode: str, cfg: OnPolicyConfig, *, sampling: Sampling, seed: int, max_length: int,
-                  generation_batch_size: int = 256) -> TokenBatch:
-    """The student answers `prompts`, the teacher scores the answers: one training batch."""
+                  generation_batch_size: int = 256, pack: bool = False) -> TokenBatch:
+    """The student answers `prompts`, the teacher scores the answers: one training batch (its
+    sequences packed several to a row with `pack`)."""
     was_training = student.training
     generations = generate(student, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, sampling=sampling,
                            batch_size=generation_batch_size, seed=seed, progress=False)
@@ -144,7 +145,7 @@ def rollout_batch(student: PreTrainedModel, teacher, tokenizer: PreTrainedTokeni
         stats["rollouts_dropped_all"] = 1.0
     scored = teacher.top_k_logprobs([p for p, _ in kept], [g.ids for _, g in kept], cfg.top_k)
     examples = [Example(p, g.ids, top.ids, top.logprobs, top.chosen) for (p, g), top in zip(kept, scored)]
-    batch = collate(examples, tokenizer.pad_token_id, max_length, mode, stats)
+    batch = collate(examples, tokenizer.pad_token_id, max_length, mode, stats, pack=pack)
     if stats.get("rollouts_dropped_all"):
         batch.target_mask[:] = False
     return batch

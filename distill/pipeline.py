@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.common.devices import resolve_device
-from distill.common.errors import ConfigError
+from distill.common.errors import ConfigError, Interrupted
 from distill.common.files import atomic_write_text, prepare_output_dir, resolve_cache_dir
 from distill.common.tracking import Tracker, read_metrics
 from distill.config import Config
@@ -32,12 +32,14 @@ from distill.eval.tasks.arithmetic import BUILTIN_SOURCE
 from distill.parallel import check_available
 from distill.plots import loss_curves
 from distill.preflight import check_models, output_bytes, tokenizer_name
+from distill.run_folder import check_run_folder, clear_if_asked
 from distill.stages.evaluation import evaluate_models, validation_problems
 from distill.stages.release import release_student
 from distill.stages.teacher import prepare_teacher, teacher_backend, teacher_source
 from distill.stages.teacher_outputs import fill_teacher_outputs, offpolicy_examples, outputs_dir
 from distill.stages.training import StudentData, build_student, onpolicy_prompts, train_students
 from distill.students.tokenizer import load_tokenizer
+from distill.teachers.cache import weights_fingerprint
 
 
 @dataclass
@@ -51,50 +53,75 @@ class RunSummary:
 
 
 def run(cfg: Config, *, progress: bool = True) -> RunSummary:
+    """The whole pipeline, as configured. Ctrl-C or SIGTERM stops it (worker processes included)
+    with the step checkpoints written so far: the message says how to continue."""
+    run_dir: list[Path] = []
+    try:
+        return _run(cfg, progress, run_dir)
+    except KeyboardInterrupt:
+        if not run_dir:
+            raise Interrupted("nothing was written yet") from None
+        raise Interrupted(f"continue this run from its last checkpoints with resume=true run_dir={run_dir[0]}") \
+            from None
+
+
+def _run(cfg: Config, progress: bool, made: list[Path]) -> RunSummary:
     started = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device, proc = start_processes(cfg)
+    if proc.main:
+        check_run_folder(cfg)
     tokenizer = load_tokenizer(tokenizer_name(cfg))
-    check_models(cfg, tokenizer, device, shards=proc.world if cfg.parallel.strategy != "ddp" else 1)
+    check_models(cfg, tokenizer, device, shards=proc.world if cfg.parallel.strategy != "ddp" else 1, world=proc.world)
+    # The data, and what the training stages will read of it, are checked before the run folder
+    # exists: a bad dataset leaves nothing behind.
+    cache_dir = prepare_output_dir(str(resolve_cache_dir(cfg.cache_dir)), key="cache_dir", default_parent="")
+    dataset = load_chat_dataset(cfg.data, cache_dir)
+    if cfg.data.source != BUILTIN_SOURCE:
+        dataset = drop_long_prompts(dataset, tokenizer, cfg.data)
+    stages = set(cfg.pipeline.stages)
+    prompts = onpolicy_prompts(cfg, dataset["train"]) if "onpolicy" in stages else None
+    validation = validation_problems(cfg, dataset.get("validation"))
+    if proc.main:
+        clear_if_asked(cfg)
     run_dir = prepare_output_dir(cfg.run_dir, key="run_dir", default_parent="runs", needed_bytes=output_bytes(cfg))
-    summary, stages = RunSummary(run_dir=run_dir), set(cfg.pipeline.stages)
+    made.append(run_dir)
+    summary = RunSummary(run_dir=run_dir)
     # The main process keeps the run's log (and W&B); the others log nothing of their own.
     tracker = Tracker(run_dir, logger=cfg.logger, config=asdict(cfg), wandb=cfg.wandb, run_name=run_dir.name) \
         if proc.main else Tracker(run_dir, metrics_file=None)
     with tracker, contextlib.ExitStack() as cleanup:  # cleanup: a vLLM server started for the run
         if proc.main:
             atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
-        cache_dir = resolve_cache_dir(cfg.cache_dir)
-        dataset = load_chat_dataset(cfg.data, cache_dir)
-        if cfg.data.source != BUILTIN_SOURCE:
-            dataset = drop_long_prompts(dataset, tokenizer, cfg.data)
+            if cfg.resume:
+                tracker.forget_run_records()
 
         with timed(summary, "teacher"), main_process_first(proc):
             teacher = prepare_teacher(cfg, tokenizer, dataset["train"], cache_dir, tracker, progress)
         if teacher.model is not None and getattr(teacher.model, "hf_device_map", None) is None:
             teacher.model.to(device)  # a quantized or device-mapped teacher stays where it was placed
-        backend = teacher_backend(cfg, teacher, tokenizer, run_dir, progress, cleanup)
+        backend = teacher_backend(cfg, teacher, tokenizer, run_dir, progress, cleanup, proc)
         summary.teacher_reused = teacher.reused
         tracker.log({"teacher/reused_cache": int(teacher.reused), "perf/teacher_seconds": summary.seconds["teacher"]})
 
         if {"teacher_outputs", "offpolicy"} & stages:
             with timed(summary, "teacher_outputs"):
                 folder = outputs_dir(cfg, run_dir)
+                weights = weights_fingerprint(teacher.folder)
                 if proc.world > 1:   # each process fills its share of the shards
-                    fill_teacher_outputs(cfg, backend, dataset["train"], tracker, folder, progress,
+                    fill_teacher_outputs(cfg, backend, dataset["train"], tracker, folder, progress, weights=weights,
                                          worker=proc.rank, workers=proc.world)
                     proc.barrier()
                 summary.teacher_outputs = fill_teacher_outputs(cfg, backend, dataset["train"], tracker, folder,
-                                                               progress)
+                                                               progress, weights=weights)
 
         students: dict[str, PreTrainedModel] = {}
         if {"offpolicy", "onpolicy"} & stages:
             data = StudentData(
                 examples=offpolicy_examples(cfg, tokenizer, summary.teacher_outputs, tracker)
                 if "offpolicy" in stages else None,
-                onpolicy_prompts=onpolicy_prompts(cfg, dataset["train"]) if "onpolicy" in stages else None,
-                validation=validation_problems(cfg, dataset.get("validation")))
+                onpolicy_prompts=prompts, validation=validation)
             with timed(summary, "train_students"):
                 students = {name: build_student(student_cfg, teacher.model, seed=cfg.seed + index).to(device)
                             for index, (name, student_cfg) in enumerate(cfg.students.items())}
@@ -150,12 +177,18 @@ def student_workers(cfg: Config, device: torch.device) -> int:
 def write_run_files(run_dir: Path, teacher_folder: str | None, releases: dict[str, Path], tracker: Tracker) -> None:
     """`models.json` (which folders hold the run's models: `python -m distill.eval models=[RUN_DIR]`
     evaluates them all) and the loss curves."""
-    folders = {**({"teacher": str(teacher_folder)} if teacher_folder else {}),
-               **{name: str(path) for name, path in releases.items()}}
+    # Absolute paths: the file is read from other working directories (python -m distill.eval).
+    folders = {**({"teacher": _absolute(teacher_folder)} if teacher_folder else {}),
+               **{name: str(Path(path).resolve()) for name, path in releases.items()}}
     atomic_write_text(run_dir / "models.json", json.dumps(folders, indent=1))
     curves = loss_curves(read_metrics(run_dir), run_dir / "loss_curves.png")
     if curves is not None:
         tracker.log_image("train/loss_curves", curves)
+
+
+def _absolute(name_or_folder: str) -> str:
+    """A local folder as an absolute path; a hub name as it is."""
+    return str(Path(name_or_folder).resolve()) if Path(name_or_folder).exists() else name_or_folder
 
 
 @contextlib.contextmanager

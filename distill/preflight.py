@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from distill.common.errors import ConfigError, first_line
 from distill.config import Config
+from distill.losses.chunked import DEFAULT_CHUNK_BYTES
 from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
-from distill.memory import check_fits, estimate
+from distill.memory import activation_bytes, check_fits, estimate
 from distill.stages.teacher import teacher_architecture
 from distill.students.build import TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config
 
@@ -42,9 +43,11 @@ def output_bytes(cfg: Config) -> int:
     return total
 
 
-def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device, shards: int = 1) -> None:
+def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device, shards: int = 1,
+                 world: int = 1) -> None:
     """Refuse, before allocating anything, models that cannot use the tokenizer, cannot start as
-    configured, or do not fit (`shards`: processes a sharding engine splits a student over)."""
+    configured, or do not fit (`shards`: processes a sharding engine splits a student over;
+    `world`: data-parallel processes, which share each micro-batch's rows)."""
     real = len(tokenizer)
     if cfg.teacher.kind == "embedded":
         teacher_arch = teacher_architecture(cfg.teacher)
@@ -83,7 +86,27 @@ def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.
             except TeacherInitError as error:
                 raise ConfigError(f"{key} cannot start from the teacher's blocks: {error}") from None
         params = count_parameters(build_random(arch, device="meta")).total
-        check_fits(name, estimate(params, teacher_params, teacher_format, shards), device)
+        activations = micro_batch_activations(cfg, student, real, world, device)
+        check_fits(name, estimate(params, teacher_params, teacher_format, shards, activations), device, key)
+
+
+def micro_batch_activations(cfg: Config, student, vocab: int, world: int, device: torch.device) -> int:
+    """Activation bytes of the largest micro-batch a process trains on: its share of the rows,
+    each at most data.max_length tokens (packed rows are filled up to that)."""
+    stages = cfg.pipeline
+    rows = max(stages.offpolicy.batch_size, stages.onpolicy.batch_size)
+    tokens = -(-rows // world) * cfg.data.max_length
+    element = 2 if cfg.parallel.mixed_precision == "bf16" else 4
+    losses = (cfg.loss, stages.onpolicy.loss)
+    if all(loss.implementation == "chunked" for loss in losses):
+        # A chunk's float32 logits, their gradient and softmax: about four chunk budgets.
+        budget = cfg.loss.chunk_bytes or DEFAULT_CHUNK_BYTES[device.type if device.type in DEFAULT_CHUNK_BYTES
+                                                             else "cpu"]
+        loss = 4 * min(budget, tokens * vocab * 4)
+    else:
+        loss = 3 * tokens * vocab * 4   # the logits, their log-softmax and their gradient, float32
+    return activation_bytes(student.architecture, tokens, checkpointing=student.activation_checkpointing,
+                            element_bytes=element, loss_bytes=loss)
 
 
 def _check_same_tokenizer(who: str, name_or_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
@@ -94,8 +117,11 @@ def _check_same_tokenizer(who: str, name_or_path: str, tokenizer: PreTrainedToke
         return  # weights only: the run's tokenizer is the only one there is
     try:
         own = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return  # no tokenizer files: the run's tokenizer is the only one there is
+    except (OSError, ValueError) as error:
+        if folder.is_dir():   # it ships tokenizer files that do not load: the check cannot be made
+            raise ConfigError(f"{who} ({name_or_path}): its tokenizer files do not load ({first_line(error)}); fix or "
+                              "remove them (the run's tokenizer is then used)") from None
+        return  # a hub name with no tokenizer reachable: the run's tokenizer is the only one there is
     try:
         shared_vocabulary(tokenizer, own)
     except VocabularyMismatch as error:

@@ -7,6 +7,7 @@ makes gradient accumulation exact: the step's gradient is that of one big batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from distill.common.tracking import Tracker
 from distill.config import LossConfig
 from distill.data import TokenBatch
 from distill.parallel import Engine, Replicated
+from distill.workers import share_cores
 from distill.students.build import is_moe
 
 Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
@@ -98,9 +100,13 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             sums, counts, records = state["sums"], state["counts"], state["records"]
             batches.load_state_dict(state["batches"])
             engine.module.train()
+    # What an earlier attempt logged past this point is logged again below: keep each step once.
+    tracker.forget(prefix, after=start)
+    tokens_before = tokens_seen   # throughput counts this process's own tokens and time
     bar = tqdm(range(start, schedule.steps), desc=desc, disable=not progress, position=position, initial=start,
                total=schedule.steps)
     for step in bar:
+        share_cores()   # a worker process takes the cores of students that have finished
         micro_batches = next(batches)
         step_tokens = data_parallel.total(sum(b.num_targets for b in micro_batches))
         normaliser = step_tokens / data_parallel.world_size
@@ -136,10 +142,10 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
             record.update({f"{prefix}/lr": schedule.lr_at(step), f"{prefix}/grad_norm": float(grad_norm),
                            f"{prefix}/step": step + 1, f"{prefix}/target_tokens": tokens_seen,
                            f"{prefix}/skipped_steps": skipped,
-                           f"perf/{_model_name(prefix)}/tokens_per_s": tokens_seen / elapsed})
+                           f"perf/{_model_name(prefix)}/tokens_per_s": (tokens_seen - tokens_before) / elapsed})
             tracker.log(record)
             records.append(record)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think")})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think") and k not in LAYOUT})
             sums, counts = {}, {}
         if periodic is not None and ((step + 1) % periodic[0] == 0 or step + 1 == schedule.steps):
             with engine.full_weights_in(model) as current:
@@ -158,6 +164,10 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss or a gradient stopped being finite; the message names the step and the way back."""
+
+
+# Batch-layout statistics: logged, but kept off the progress bar.
+LAYOUT = ("padding", "padding_unpacked")
 
 
 def _last_good(checkpoints: StepCheckpoints | None) -> str:
@@ -181,35 +191,35 @@ def _metric_name(prefix: str, key: str) -> str:
 def _to(batch: TokenBatch, device: torch.device) -> TokenBatch:
     if device.type == "cpu":
         return batch
-    moved = [t.to(device) if t is not None else None for t in
-             (batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.topk_ids,
-              batch.topk_logprobs)]
-    chosen = batch.token_logprobs.to(device) if batch.token_logprobs is not None else None
-    return TokenBatch(*moved, mode=batch.mode, token_logprobs=chosen, stats=batch.stats)
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                         if torch.is_tensor(getattr(batch, f.name))})
 
 
 def _forward(model: PreTrainedModel, batch: TokenBatch, real_vocab: int):
     """Student logits at the target positions [N, real_vocab] (the naive path) and the MoE aux loss."""
     moe = is_moe(model.config)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=moe,
-                use_cache=False)
+    out = model(**batch.model_inputs(), output_router_logits=moe, use_cache=False)
     # Only the tokenizer's real tokens: embedding rows past it are padding, never predicted.
     logits = out.logits[batch.target_mask][:, :real_vocab]
-    aux = out.aux_loss if moe else None
-    return logits, aux
+    return logits, _balancing_loss(model, out.router_logits, batch) if moe else None
 
 
 def _hidden_states(model: PreTrainedModel, batch: TokenBatch):
     """Final hidden states at the target positions [N, H] (after the final norm, before lm_head)
     and the MoE aux loss: the chunked loss applies lm_head itself, chunk by chunk."""
     moe = is_moe(model.config)
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_router_logits=moe, use_cache=False)
-    aux = None
-    if moe:
-        aux = load_balancing_loss_func(out.router_logits, model.config.num_experts, model.config.num_experts_per_tok,
-                                       batch.attention_mask) if out.router_logits else 0
+    out = model.get_decoder()(**batch.model_inputs(), output_router_logits=moe, use_cache=False)
+    aux = _balancing_loss(model, out.router_logits, batch) if moe else None
     return out.last_hidden_state[batch.target_mask], aux
+
+
+def _balancing_loss(model: PreTrainedModel, router_logits, batch: TokenBatch):
+    """The router load-balancing loss over the batch's real tokens (never its padding, whether
+    rows are padded or packed)."""
+    if not router_logits:
+        return 0
+    return load_balancing_loss_func(router_logits, model.config.num_experts, model.config.num_experts_per_tok,
+                                    batch.attention_mask)
 
 
 def _lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
@@ -280,11 +290,13 @@ def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str
             logits, aux = _forward(model, batch, real_vocab)
             values = token_loss(logits, teacher, targets)
             loss = values["loss"].sum() / step_tokens
-        metrics = {"kd_loss": float(values["kd"].detach().mean())}
-        if batch.mode:
-            metrics[f"kd_loss_{batch.mode}"] = metrics["kd_loss"]
-        if "ce" in values:
-            metrics["ce"] = float(values["ce"].detach().mean())
+        metrics = {}
+        if batch.num_targets:   # an empty micro-batch adds nothing to the step, and no metric
+            metrics["kd_loss"] = float(values["kd"].detach().mean())
+            if batch.mode:
+                metrics[f"kd_loss_{batch.mode}"] = metrics["kd_loss"]
+            if "ce" in values:
+                metrics["ce"] = float(values["ce"].detach().mean())
         loss = loss + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
         return loss, metrics
 

@@ -118,6 +118,17 @@ class ParameterCount:
     activated: int      # per token: all but the experts a token does not use
 
 
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Activation checkpointing per decoder layer: in training mode each layer keeps only its
+    input and recomputes the rest in the backward (non-reentrant, so the gradients are those of
+    the plain forward). Generation, in eval mode, is unaffected."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def count_parameters(model: PreTrainedModel) -> ParameterCount:
     config = model.config
     total = sum(p.numel() for p in model.parameters())

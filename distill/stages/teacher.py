@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from filelock import FileLock, Timeout
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.checkpoint import StepCheckpoints
@@ -24,6 +25,7 @@ from distill.common.errors import ConfigError
 from distill.common.tracking import Tracker
 from distill.config import Config, DataConfig, TeacherConfig
 from distill.data import Example, ModeAlternatingBatches
+from distill.distributed import Processes
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE
 from distill.students.build import build_random, load_pretrained
 from distill.students.chat import MODES, prompt_messages, reference_reply, render_prompt, render_response
@@ -74,15 +76,26 @@ def embedded_teacher(cfg: TeacherConfig, data: DataConfig, tokenizer: PreTrained
                 "task": asdict(data.arithmetic), "source": data.source, "max_length": data.max_length}
     folder = embedded.cache_folder(cache_dir, material, tokenizer)
     name = f"embedded tiny Qwen3-MoE teacher ({folder.name})"
-    model = embedded.load(folder)
-    if model is not None:
-        return TeacherModel(model, str(folder), name, reused=True)
-    # Step checkpoints beside the cache entry: a killed bootstrap continues where it was (the
-    # entry's name is the hash of everything that shapes the teacher, so any checkpoint there fits).
-    steps = StepCheckpoints(folder.parent / f".{folder.name}.steps", every=200, keep=1)
-    model = bootstrap(cfg, data, tokenizer, train_split, tracker, progress=progress, checkpoints=steps)
-    embedded.store(folder, model, tokenizer, {"teacher": asdict(cfg), "task": asdict(data.arithmetic)})
-    shutil.rmtree(steps.folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One run bootstraps a cache entry; another one on the same cache waits for it, then loads it.
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another run that is training the embedded teacher into {folder} ...", flush=True)
+        lock.acquire()
+    try:
+        model = embedded.load(folder)
+        if model is not None:
+            return TeacherModel(model, str(folder), name, reused=True)
+        # Step checkpoints beside the cache entry: a killed bootstrap continues where it was (the
+        # entry's name is the hash of everything that shapes the teacher, so any checkpoint there fits).
+        steps = StepCheckpoints(folder.parent / f".{folder.name}.steps", every=200, keep=1)
+        model = bootstrap(cfg, data, tokenizer, train_split, tracker, progress=progress, checkpoints=steps)
+        embedded.store(folder, model, tokenizer, {"teacher": asdict(cfg), "task": asdict(data.arithmetic)})
+        shutil.rmtree(steps.folder, ignore_errors=True)
+    finally:
+        lock.release()
     return TeacherModel(model.eval(), str(folder), name)
 
 
@@ -102,28 +115,31 @@ def bootstrap(cfg: TeacherConfig, data: DataConfig, tokenizer: PreTrainedTokeniz
                                           response=render_response(tokenizer, reply, mode)))
     schedule = Schedule(steps=boot.steps, lr=boot.lr, warmup_steps=boot.warmup_steps)
     batches = ModeAlternatingBatches(examples, boot.batch_size, tokenizer.pad_token_id, data.max_length,
-                                     micro_batches=1, seed=boot.seed)
+                                     micro_batches=1, seed=boot.seed, pack=data.pack)
     fit(model, batches, cross_entropy_objective(len(tokenizer)), schedule, tracker=tracker, prefix="teacher/bootstrap",
         desc="teacher bootstrap", progress=progress, checkpoints=checkpoints, resume=checkpoints is not None)
     return model
 
 
 def teacher_backend(cfg: Config, teacher: TeacherModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path,
-                    progress: bool, cleanup: contextlib.ExitStack):
+                    progress: bool, cleanup: contextlib.ExitStack, proc: Processes = Processes()):
     """What answers and scores: the in-process model, or its vLLM server (the one at teacher.url,
-    or one started now on the teacher's folder and stopped when `cleanup` closes)."""
+    or one started now on the teacher's folder by the main process, shared by every
+    data-parallel process, and stopped when `cleanup` closes)."""
     if cfg.teacher.serve != "vllm":
         return TransformersTeacher(teacher.model, tokenizer, name=teacher.name, progress=progress,
                                    generation_batch_size=cfg.pipeline.offpolicy.generation_batch_size)
     url = cfg.teacher.url
     if not url:
-        top_k = max(cfg.pipeline.offpolicy.top_k, cfg.pipeline.onpolicy.top_k)
-        server = VLLMServer(teacher.folder, max_logprobs=max(20, top_k + 16), dtype=cfg.teacher.dtype,
-                            log_path=run_dir / "vllm_server.log")
-        cleanup.callback(server.stop)
-        url = server.start().url
+        if proc.main:
+            top_k = max(cfg.pipeline.offpolicy.top_k, cfg.pipeline.onpolicy.top_k)
+            server = VLLMServer(teacher.folder, max_logprobs=max(20, top_k + 16), dtype=cfg.teacher.dtype,
+                                log_path=run_dir / "vllm_server.log")
+            cleanup.callback(server.stop)
+            url = server.start().url
+        url = proc.share(url)
     return VLLMTeacher(url, tokenizer, name=f"{teacher.name} (vLLM)", progress=progress,
-                       concurrency=cfg.teacher.vllm_concurrency)
+                       concurrency=cfg.teacher.vllm_concurrency, timeout=cfg.teacher.vllm_timeout)
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,8 @@ def teacher_source(cfg: Config, teacher: TeacherModel, backend) -> TeacherSource
 def connect(cfg: Config, source: TeacherSource, tokenizer: PreTrainedTokenizerBase):
     """The teacher backend a worker process scores with, from its `TeacherSource`."""
     if source.kind == "vllm":
-        return VLLMTeacher(source.where, tokenizer, progress=False, concurrency=cfg.teacher.vllm_concurrency)
+        return VLLMTeacher(source.where, tokenizer, progress=False, concurrency=cfg.teacher.vllm_concurrency,
+                           timeout=cfg.teacher.vllm_timeout)
     model = load_pretrained(source.where, dtype=getattr(torch, cfg.teacher.dtype),
                             trust_remote_code=cfg.teacher.trust_remote_code, quantization=cfg.teacher.quantization,
                             device_map=cfg.teacher.device_map)

@@ -5,9 +5,11 @@ training examples."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import datasets
+from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from distill.common.tracking import Tracker
@@ -24,23 +26,38 @@ def outputs_dir(cfg: Config, run_dir: Path) -> Path:
 
 
 def fill_teacher_outputs(cfg: Config, teacher, train_split: datasets.Dataset, tracker: Tracker, folder: Path,
-                         progress: bool, *, worker: int = 0, workers: int = 1) -> Path:
+                         progress: bool, *, weights: str = "", worker: int = 0, workers: int = 1) -> Path:
     """Produce the shards of the cache in `folder` that are missing (shards already there, of a
     resumed or shared cache, are kept); this is worker `worker` of `workers` processes filling
-    disjoint shards. Returns the folder."""
+    disjoint shards; `weights` identifies the teacher's weights (teachers.cache.weights_fingerprint).
+    Returns the folder."""
     stage = cfg.pipeline.offpolicy
     rows = train_split.select(range(min(stage.prompts, len(train_split))))
     conversations = [prompt_messages(messages) for messages in rows["messages"]]
     prompts = {mode: [render_prompt(teacher.tokenizer, c, mode) for c in conversations] for mode in MODES}
-    spec = CacheSpec(teacher=teacher.name, tokenizer_hash=tokenizer_hash(teacher.tokenizer), k=stage.top_k,
-                     modes=tuple(MODES), sampling={m: vars(s) for m, s in MODE_SAMPLING.items()}, seed=stage.seed,
-                     max_new_tokens=stage.max_new_tokens, prompts_hash=prompts_hash(prompts),
-                     num_prompts=len(conversations), shard_size=stage.shard_size)
-    manifest = write_cache(teacher, prompts, folder, spec, worker=worker, workers=workers, progress=progress)
+    spec = cache_spec(cfg, teacher.name, tokenizer_hash(teacher.tokenizer), prompts_hash=prompts_hash(prompts),
+                      num_prompts=len(conversations), weights=weights)
+    # A shared cache folder may be filled by two runs at once: one at a time, the second finds
+    # the first's shards done. (The data-parallel processes of one run fill disjoint shards.)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")) if workers == 1 else contextlib.nullcontext():
+        manifest = write_cache(teacher, prompts, folder, spec, worker=worker, workers=workers, progress=progress)
     if manifest is not None:
         tracker.log({"teacher/outputs_rows": manifest.rows, "teacher/outputs_tokens": manifest.tokens,
                      "teacher/outputs_bytes_per_token": manifest.bytes_per_token})
     return folder
+
+
+def cache_spec(cfg: Config, teacher_name: str, tokenizer_digest: str = "", *, prompts_hash: str, num_prompts: int,
+               weights: str) -> CacheSpec:
+    """Everything that shapes the teacher's outputs: the teacher (its name, weights and the
+    precision it runs in), tokenizer, k, sampling, seed, length budget and the prompts."""
+    stage = cfg.pipeline.offpolicy
+    precision = cfg.teacher.dtype if cfg.teacher.quantization == "none" else f"{cfg.teacher.quantization} quantized"
+    return CacheSpec(teacher=teacher_name, tokenizer_hash=tokenizer_digest, k=stage.top_k, modes=tuple(MODES),
+                     sampling={m: vars(s) for m, s in MODE_SAMPLING.items()}, seed=stage.seed,
+                     max_new_tokens=stage.max_new_tokens, prompts_hash=prompts_hash, num_prompts=num_prompts,
+                     shard_size=stage.shard_size, teacher_weights=weights, teacher_precision=precision)
 
 
 def offpolicy_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase, folder: Path,

@@ -31,7 +31,7 @@ from distill.parallel import Engine, make_engine
 from distill.stages.evaluation import periodic_eval
 from distill.stages.release import CHECKSUMS, save_model_folder
 from distill.stages.teacher import TeacherSource, connect
-from distill.students.build import build_random, init_from_teacher, load_pretrained
+from distill.students.build import build_random, checkpoint_activations, init_from_teacher, load_pretrained
 from distill.students.chat import prompt_messages
 from distill.train import DataParallel, Schedule, distillation_objective, fit
 from distill.workers import run_in_processes
@@ -79,7 +79,8 @@ def train_students(cfg: Config, students: dict[str, PreTrainedModel], data: Stud
         for name, student in students.items():
             train_student(cfg, name, student, data, tokenizer, lambda: teacher, tracker, run_dir, progress, proc=proc)
         return
-    threads = max(1, (cfg.threads or os.cpu_count() or 1) // workers)
+    cores = cfg.threads or os.cpu_count() or 1
+    threads = max(1, cores // workers)
     # Tensors sent to a process each hold a shared-memory file descriptor; thousands of small
     # top-k tensors exhaust the limit, so examples travel as numpy arrays (copied by pickle).
     packed = None if data.examples is None else {
@@ -91,7 +92,7 @@ def train_students(cfg: Config, students: dict[str, PreTrainedModel], data: Stud
     jobs = {name: (cfg, name, student.config, student.state_dict(), packed, light, tokenizer, str(run_dir), threads,
                    position, progress, source)
             for position, (name, student) in enumerate(students.items())}
-    results = run_in_processes(_train_in_worker, jobs, workers)
+    results = run_in_processes(_train_in_worker, jobs, workers, cores=cores)
     for name, student in students.items():
         state, records = results[name]
         student.load_state_dict(state)
@@ -108,10 +109,10 @@ def _train_in_worker(cfg: Config, name: str, config, state: dict, packed, data: 
     if packed is not None:
         data.examples = {mode: [Example(p, r, torch.from_numpy(i), torch.from_numpy(v)) for p, r, i, v in items]
                          for mode, items in packed.items()}
-    # The records come back with the weights; the main process writes them to the run's log.
+    # The worker writes its records to the run's log as it goes (nothing is lost if the run is
+    # killed); they also come back with the weights, for the main process's W&B run.
     records = train_student(cfg, name, student, data, tokenizer, lambda: connect(cfg, source, tokenizer),
-                            Tracker(Path(run_dir), metrics_file=None), run_dir=Path(run_dir), progress=progress,
-                            position=position)
+                            Tracker(Path(run_dir)), run_dir=Path(run_dir), progress=progress, position=position)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, records
 
 
@@ -121,6 +122,8 @@ def train_student(cfg: Config, name: str, student: PreTrainedModel, data: Studen
     """The student's training stages in order: off-policy, a checkpoint, on-policy. Returns the
     logged records. `make_teacher()` gives the teacher that scores on-policy rollouts."""
     records = []
+    if cfg.students[name].activation_checkpointing:
+        checkpoint_activations(student)
     for stage in ("offpolicy", "onpolicy"):
         if (stage == "offpolicy" and data.examples is None) or (stage == "onpolicy" and data.onpolicy_prompts is None):
             continue
@@ -156,7 +159,8 @@ def fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: di
                         warmup_steps=stage.warmup_steps, weight_decay=stage.weight_decay,
                         max_grad_norm=stage.max_grad_norm)
     batches = ModeAlternatingBatches(examples, stage.batch_size, tokenizer.pad_token_id, cfg.data.max_length,
-                                     micro_batches=stage.grad_accum, seed=stage.seed, rank=proc.rank, world=proc.world)
+                                     micro_batches=stage.grad_accum, seed=stage.seed, rank=proc.rank, world=proc.world,
+                                     pack=cfg.data.pack)
     objective = distillation_objective(cfg.loss, len(tokenizer))
     return fit(student, batches, objective, schedule, tracker=tracker,
                prefix=f"train/{name}", desc=f"distill {name}", progress=progress, position=position,
@@ -176,14 +180,14 @@ def fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Student
     if data.examples is not None and (stage.mix < 1 or (stage.mix_end is not None and stage.mix_end < 1)):
         offpolicy = ModeAlternatingBatches(data.examples, stage.batch_size, tokenizer.pad_token_id,
                                            cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1,
-                                           rank=proc.rank, world=proc.world)
+                                           rank=proc.rank, world=proc.world, pack=cfg.data.pack)
     objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
     engine = _engine(cfg, student, objective, schedule, stage, proc)
     # Rollouts come from the student object itself: a sharding engine gathers the current
     # weights into it for each step's sampling.
     batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
                               max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed, rank=proc.rank,
-                              world=proc.world, policy_weights=engine.full_weights_in)
+                              world=proc.world, policy_weights=engine.full_weights_in, pack=cfg.data.pack)
     return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
                desc=f"on-policy {name}", progress=progress, position=position,
                periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation),

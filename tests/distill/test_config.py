@@ -159,6 +159,34 @@ def test_sharding_splits_gradients_and_optimizer_state_but_counts_the_weights_wh
                                                                     whole.optimizer // 2)
 
 
+def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
+    from distill.memory import activation_bytes
+
+    arch = PRESETS["0.6b"]
+    plain = activation_bytes(arch, 8192, checkpointing=False, element_bytes=2, loss_bytes=0)
+    assert activation_bytes(arch, 16384, checkpointing=False, element_bytes=2, loss_bytes=0) == 2 * plain
+    # 28 layers each keeping only its input, plus one layer being recomputed.
+    assert activation_bytes(arch, 8192, checkpointing=True, element_bytes=2, loss_bytes=0) < plain / 5
+
+
+def test_memory_check_counts_activations_and_the_checkpointing_switch(tokenizer, monkeypatch):
+    # Weights and AdamW state of the tiny students fit easily; a micro-batch of 64 x 2,048
+    # tokens does not, unless each layer keeps only its input.
+    import torch
+
+    from distill import memory
+    from distill.preflight import check_models
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3 * memory.GIB)
+    big = ["~students.moe", "data.max_length=2048", "pipeline.offpolicy.batch_size=64",
+           "pipeline.onpolicy.batch_size=64"]
+    with pytest.raises(MemoryError, match="activations .*students.dense.activation_checkpointing=true"):
+        check_models(load_config(big), tokenizer, torch.device("cpu"))
+    check_models(load_config(big + ["students.dense.activation_checkpointing=true"]), tokenizer,
+                 torch.device("cpu"))
+    check_models(load_config(["~students.moe"]), tokenizer, torch.device("cpu"))
+
+
 def test_load_config_rejects_bad_override_syntax():
     with pytest.raises(ConfigError):
         load_config(["seed=="])

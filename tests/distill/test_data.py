@@ -50,7 +50,11 @@ def test_user_jsonl_loads_by_the_same_path(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     loaded = load_chat_dataset(DataConfig(source=str(path)), tmp_path)
-    assert set(loaded) == {"train", "test"} and len(loaded["train"]) + len(loaded["test"]) == 30
+    # One file: test and validation are held out of it (a tenth, a twentieth), disjoint from train.
+    assert set(loaded) == {"train", "validation", "test"}
+    assert (len(loaded["train"]), len(loaded["validation"]), len(loaded["test"])) == (26, 1, 3)
+    splits = {name: {row["answer"] for row in loaded[name]} for name in loaded}
+    assert not (splits["train"] & splits["test"] or splits["train"] & splits["validation"])
     assert prompt_messages(loaded["train"][0]["messages"]) == [loaded["train"][0]["messages"][0]]
 
 

@@ -107,3 +107,19 @@ def test_prompt_tokens_do_not_influence_the_loss_through_their_targets():
     batch.targets[~batch.target_mask] = 9
     loss_after, _ = objective(model, batch, batch.num_targets)
     assert torch.equal(loss, loss_after)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "naive"])
+def test_a_micro_batch_without_targets_adds_nothing_and_logs_nothing(implementation):
+    # All rollouts of one micro-batch dropped (pipeline.onpolicy.truncated=drop): the step is
+    # that of the other micro-batch alone, with no NaN or missing metric.
+    examples = _examples(3, seed=11)
+    full, empty = collate(examples, pad_id=0, max_length=64), collate(examples[:1], pad_id=0, max_length=64)
+    empty.target_mask[:] = False
+    model = _model("tiny-moe")
+    objective = distillation_objective(LossConfig(implementation=implementation, ce_weight=0.1), REAL)
+    loss, metrics = objective(model, empty, full.num_targets)
+    assert float(loss.detach()) == 0.0
+    assert "kd_loss" not in metrics and "ce" not in metrics
+    _assert_same(_gradients(model, [full, empty], objective, full.num_targets),
+                 _gradients(model, [full], objective, full.num_targets))

@@ -44,6 +44,28 @@ def test_step_logits_equal_the_transformers_forward(tokenizer):
         torch.testing.assert_close(logits, reference, rtol=0, atol=2e-5)
 
 
+def test_a_bf16_model_decodes_in_bf16_close_to_the_transformers_forward(tokenizer):
+    # teacher=transformers loads bf16 weights: every step stays in that dtype (a float32 mask
+    # or rotary table would stop the matmuls with a dtype error).
+    model = _dense().to(torch.bfloat16)
+    prompts = _prompts(tokenizer, 3)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    decoder = QwenDecoder(model)
+    token = decoder.prefill(ids, mask, max_new_tokens=2).argmax(-1)
+    logits = decoder.step(token)
+    with torch.no_grad():
+        sequence, full_mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        reference = model(input_ids=sequence, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference.float(), rtol=0.05, atol=0.1)   # bf16 rounding
+    assert len(generate(model, tokenizer, prompts, max_new_tokens=8, sampling=None, progress=False)) == 3
+
+
 def test_greedy_generation_equals_model_generate(tokenizer):
     model = _dense(seed=1, num_key_value_heads=2)   # grouped-query attention
     assert QwenDecoder.supports(model)
