@@ -15,7 +15,12 @@ Imports run one way, down that list read bottom-up: nothing below this folder im
 checkout they stay where they are, and the one line below lets Python find them there.
 """
 
+import os as _os
 from pathlib import Path as _Path
+
+# The process that started this one, as early as it can be known: a data-parallel rank exits
+# when its launcher is gone (distill/workers.py), even one killed while the rank was importing.
+PARENT_AT_START = _os.getppid()
 
 _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "students").is_dir() and (_checkout / "students" / "presets.py").is_file():

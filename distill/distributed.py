@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from distill import PARENT_AT_START
 from distill.common.errors import ConfigError
 from distill.workers import exit_with_parent
 
@@ -91,7 +92,7 @@ def processes(device: torch.device) -> Processes:
     from accelerate.utils import DistributedType
 
     # A rank whose launcher is killed exits instead of waiting in a collective for peers that are gone.
-    exit_with_parent()
+    exit_with_parent(PARENT_AT_START)
     accelerator = Accelerator(cpu=device.type == "cpu")
     plugin = {DistributedType.FSDP: "fsdp2", DistributedType.DEEPSPEED: "zero3"}.get(accelerator.distributed_type)
     if plugin is not None:

@@ -73,8 +73,10 @@ def exit_with_parent(parent: int | None = None) -> None:
     """Start a watchdog thread: once this process's parent (`parent`, default the current one)
     is gone and the process re-parented, it exits at once rather than train on and write into a
     run nobody follows (a student worker; a data-parallel rank whose launcher was killed)."""
-    threading.Thread(target=_exit_when_orphaned, args=(parent or os.getppid(),), daemon=True,
-                     name="parent-watch").start()
+    parent = parent or os.getppid()
+    if os.getppid() != parent:   # already gone
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="parent-watch").start()
 
 
 def _exit_when_orphaned(parent: int) -> None:

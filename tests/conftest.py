@@ -142,19 +142,34 @@ def tiny_model():
 
 # --- no test leaves a process behind ---------------------------------------------------------
 
+# Every process this test session starts inherits this mark: processes of other sessions on the
+# same machine are never counted (nor killed).
+SESSION_MARK = "DISTILL_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
 def _run_processes() -> dict[int, str]:
-    """Processes of this project's runs: `python -m distill`/`distill.eval` commands and spawned
-    multiprocessing workers (not those of the session's vLLM server)."""
+    """This session's processes of the project's runs: `python -m distill`/`distill.eval`
+    commands and spawned multiprocessing workers (not those of the session's vLLM server)."""
     import psutil
 
     found = {}
     for process in psutil.process_iter(["pid", "cmdline"]):
         line = " ".join(process.info["cmdline"] or [])
-        if process.info["pid"] == os.getpid():
+        if process.info["pid"] == os.getpid() or "vllm" in line:   # the session's server (and its guard)
             continue
-        if "-m distill" in line or ("spawn_main" in line and not _under_vllm(process)):
+        if ("-m distill" in line or ("spawn_main" in line and not _under_vllm(process))) and _ours(process):
             found[process.info["pid"]] = line[:160]
     return found
+
+
+def _ours(process) -> bool:
+    import psutil
+
+    try:
+        return process.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]
+    except psutil.Error:
+        return False
 
 
 def _under_vllm(process) -> bool:

@@ -169,3 +169,36 @@ def test_a_sharded_run_killed_at_random_points_resumes_to_the_same_weights(tmp_p
     for name in ("dense", "moe"):
         before, after = _weights(tmp_path / "straight", name), _weights(tmp_path / "killed", name)
         assert all(torch.equal(before[key], after[key]) for key in before), name
+
+
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL only the launcher (accelerate launch) of a two-process run: its ranks notice they
+    are orphaned and exit, instead of training on or waiting in a collective for ever."""
+    import psutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
+    command = [*LAUNCH[:2], "--main_process_port", "29611", *LAUNCH[2:], *_base(tmp_path), RECIPE,
+               "pipeline.offpolicy.steps=2000", "students.dense.steps=2000", f"run_dir={tmp_path / 'run'}"]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, cwd=os.getcwd())
+    deadline, ranks = time.monotonic() + 120, []
+    while time.monotonic() < deadline and len(ranks) < 2:
+        time.sleep(0.5)
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if _runs_distill(p)]
+    assert len(ranks) == 2, "the two ranks never started"
+    time.sleep(5)
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=20)
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} rank(s) outlived their launcher"
+
+
+def _runs_distill(process) -> bool:
+    import psutil
+
+    try:
+        return "distill" in " ".join(process.cmdline())
+    except psutil.Error:   # gone, or a zombie, meanwhile
+        return False
