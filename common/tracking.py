@@ -118,7 +118,7 @@ class Tracker:
             return
         with self._lock:
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if keep(json.loads(line))]
+            kept = [line for line in lines if (record := _parse(line)) is not None and keep(record)]
             if len(kept) != len(lines):
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
@@ -166,5 +166,14 @@ def _has_wandb_key() -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's records, in order (a line torn by a kill mid-write is left out)."""
     path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = (_parse(line) for line in path.read_text().splitlines() if line.strip())
+    return [record for record in records if record is not None]
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None

@@ -2,6 +2,7 @@
 to an uninterrupted one, in process and after SIGKILL of the whole run."""
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -121,6 +122,13 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_weights(tmp_path):
     assert run.wait(timeout=600) == 0
     assert kills >= 2, "the run finished before it could be killed: make it longer"
     assert _weights(tmp_path / "killed") == _weights(tmp_path / "straight") and _weights(tmp_path / "straight")
+    # The students' log holds each logged step once, as the uninterrupted run's does (the teacher
+    # was trained by the first run only).
+    def logged_steps(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return sorted((key, record[key]) for record in records for key in record
+                      if key.startswith("train/") and key.endswith("/step"))
+    assert logged_steps(tmp_path / "killed") == logged_steps(tmp_path / "straight")
 
 
 def test_a_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
