@@ -26,8 +26,8 @@ from distill.common.tracking import Tracker
 from distill.config import LossConfig
 from distill.data import TokenBatch
 from distill.parallel import Engine, Replicated
-from distill.workers import share_cores
 from distill.students.build import is_moe
+from distill.workers import share_cores
 
 Objective = Callable[[PreTrainedModel, TokenBatch, int], tuple[torch.Tensor, dict[str, float]]]
 

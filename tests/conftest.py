@@ -204,3 +204,16 @@ def no_process_left_behind():
         except psutil.Error:
             pass
     pytest.fail(f"the test left {len(left)} process(es) running: {list(left.values())}")
+
+
+def survivors_of_killing(parent, processes, timeout: float) -> list:
+    """SIGKILL `parent` (a Popen) and return which of `processes` (psutil) are still alive
+    `timeout` seconds later; those are killed too, so that a failing test leaves none behind."""
+    import psutil
+
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        process.kill()
+    return alive

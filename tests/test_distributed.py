@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, survivors_of_killing
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
@@ -187,11 +187,7 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
         ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if _runs_distill(p)]
     assert len(ranks) == 2, "the two ranks never started"
     time.sleep(5)
-    launcher.kill()
-    launcher.wait()
-    gone, alive = psutil.wait_procs(ranks, timeout=20)
-    for process in alive:
-        process.kill()
+    alive = survivors_of_killing(launcher, ranks, timeout=20)
     assert not alive, f"{len(alive)} rank(s) outlived their launcher"
 
 

@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from conftest import needs_vllm
+from conftest import needs_vllm, survivors_of_killing
 
 pytestmark = needs_vllm
 
@@ -31,10 +31,5 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path, vllm_model_d
         time.sleep(0.1)
     server = psutil.Process(int(pid_file.read_text()))
     time.sleep(20)   # well into its start-up (imports, model load)
-    family = [server, *server.children(recursive=True)]
-    starter.kill()
-    starter.wait()
-    gone, alive = psutil.wait_procs(family, timeout=60)
-    for process in alive:
-        process.kill()
+    alive = survivors_of_killing(starter, [server, *server.children(recursive=True)], timeout=60)
     assert not alive, f"{len(alive)} server process(es) outlived the process that started them"
