@@ -5,13 +5,17 @@ The dataclasses are the single source of every default. The YAML under conf/ hol
 option changes (`loss=jsd` sets the divergence), so `with_defaults` lays the composed values over
 the dataclass defaults before `build_dataclass` checks them: an unknown key, a wrong type or an
 unknown choice raises `ConfigError` with one line naming the key and the valid choices.
+
+A field whose config key is a Python keyword is declared under another name with
+`field(metadata={"key": "async"})`; `as_dict` writes every config under its keys, and it is what
+a config is shown, saved and compared as.
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from dataclasses import MISSING, asdict, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Literal
 
 from distill.common.errors import ConfigError
@@ -21,11 +25,32 @@ def with_defaults(cls, composed: dict) -> dict:
     """`composed` laid over the defaults of dataclass `cls`: a nested dataclass merges field by
     field; any other value (a list, a mapping of entries such as the students) replaces the
     default whole, so that Hydra's `~key` deletions inside it hold."""
-    return _merge(cls, asdict(cls()), composed)
+    return _merge(cls, as_dict(cls()), composed)
+
+
+def as_dict(obj) -> Any:
+    """`dataclasses.asdict` with each field under its config key."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {_key(f): as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_dict(v) for v in obj)
+    return obj
+
+
+def _key(spec) -> str:
+    return spec.metadata.get("key", spec.name)
+
+
+def _hints(cls) -> dict:
+    """Type hints by config key."""
+    hints = typing.get_type_hints(cls)
+    return {_key(f): hints[f.name] for f in fields(cls)}
 
 
 def _merge(cls, defaults: dict, composed: dict) -> dict:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     merged = dict(defaults)
     for key, value in composed.items():
         nested = _dataclass_in(hints.get(key))
@@ -54,8 +79,8 @@ def build_dataclass(cls, raw: dict):
 def _build(cls, data: Any, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    hints = _hints(cls)
+    known = {_key(f): f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -64,7 +89,7 @@ def _build(cls, data: Any, path: str):
     for name, spec in known.items():
         key = f"{path}.{name}" if path else name
         if name in data:
-            values[name] = _convert(hints[name], data[name], key)
+            values[spec.name] = _convert(hints[name], data[name], key)
         elif spec.default is MISSING and spec.default_factory is MISSING:
             raise ConfigError(f"missing config key '{key}'")
     return cls(**values)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from distill.common.errors import ConfigError
 from distill.common.tracking import WandbConfig
-from distill.common.typed_config import build_dataclass, with_defaults
+from distill.common.typed_config import as_dict, build_dataclass, with_defaults
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE, ArithmeticConfig
 from distill.students.presets import PRESETS, Architecture
 
@@ -173,6 +173,27 @@ class OnPolicyConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How the on-policy stage samples the student: in this process with the trainer's own
+    weights (`in_process`, the CPU default), or on a vLLM server started for the run on the
+    student's weights, which follow the trainer's (`vllm`; students/rollout_engine.py)."""
+
+    engine: Literal["in_process", "vllm"] = "in_process"
+    sync_every: int = 1          # vllm: optimizer steps between weight syncs to the engine
+    # vllm: sample the next steps' rollouts while the trainer trains on this one's, from weights
+    # at most `max_staleness` versions (optimizer steps) behind the trainer's.
+    async_: bool = field(default=False, metadata={"key": "async"})
+    max_staleness: int = 1
+    # sampled_token estimator: each rollout token is weighted by the truncated importance ratio
+    # min(q_trainer / q_sampler, is_cap) (samples from older weights, or other numerics).
+    is_cap: float = 2.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # the engine's weights
+    max_model_len: int | None = None   # None: data.max_length
+    vllm_args: list[str] = field(default_factory=list)   # more server flags (e.g. --gpu-memory-utilization 0.3)
+    startup_timeout: float = 900.0
+
+
+@dataclass
 class EvalConfig:
     """The eval stage (eval/harness.py): at the end of the pipeline on the test split, and
     periodically during training on the validation split."""
@@ -220,6 +241,7 @@ class Config:
     # The students this run trains, by name (the default pair: `default_students`).
     students: dict[str, StudentConfig] = field(default_factory=lambda: default_students())
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -255,7 +277,7 @@ def default_students() -> dict[str, StudentConfig]:
         "dense": StudentConfig(preset="tiny", architecture=PRESETS["tiny"], init="teacher",
                                teacher_layers=[0, 1, 2, 3], steps=600),
         "moe": StudentConfig(preset="tiny-moe", architecture=PRESETS["tiny-moe"].override(
-            hidden_size=64, head_dim=16, moe_intermediate_size=64), lr=4e-3),
+            hidden_size=64, head_dim=32, moe_intermediate_size=64), lr=4e-3),
     }
 
 
@@ -278,7 +300,7 @@ def _plain(node):
 def printable(config: Config) -> dict:
     """The validated config as it can be overridden: with +student=NAME, the one student at
     `student` (student.steps=30), not the pair it replaced."""
-    shown = _plain(asdict(config))
+    shown = _plain(as_dict(config))
     del shown["students" if config.student is not None else "student"]
     return shown
 
@@ -347,6 +369,11 @@ def validate(raw: dict) -> Config:
                           "pipeline.onpolicy.temperature=1 top_p=1 sample_top_k=0, or use estimator=full")
     if not 0 < onpolicy.top_p <= 1 or onpolicy.temperature <= 0 or onpolicy.sample_top_k < 0:
         raise ConfigError("pipeline.onpolicy: need temperature > 0, 0 < top_p <= 1 and sample_top_k >= 0")
+    if config.rollout.async_ and config.rollout.engine != "vllm":
+        raise ConfigError("rollout.async=true samples while the trainer trains, which needs a separate engine: set "
+                          "rollout.engine=vllm, or rollout.async=false")
+    if config.rollout.is_cap < 1:
+        raise ConfigError(f"rollout.is_cap must be at least 1 (1 = weights never above one), got {config.rollout.is_cap}")
     _check_positive(config)
     return config
 
@@ -368,6 +395,8 @@ def _check_positive(config: Config) -> None:
         "pipeline.onpolicy.max_new_tokens": config.pipeline.onpolicy.max_new_tokens,
         "pipeline.eval.problems": config.pipeline.eval.problems,
         "checkpoint_every": config.checkpoint_every,
+        "rollout.sync_every": config.rollout.sync_every,
+        "rollout.max_staleness": config.rollout.max_staleness,
         "checkpoint_keep": config.checkpoint_keep,
         "pipeline.eval.samples": config.pipeline.eval.samples,
         "pipeline.eval.periodic_problems": config.pipeline.eval.periodic_problems,

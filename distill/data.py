@@ -162,13 +162,16 @@ def _check_json_lines(path: Path) -> None:
 class Example:
     """One training sequence: prompt and response ids, and optionally the teacher's top-k
     distribution for each response token ([R, K]) and its log-probability of each actual
-    response token ([R], for the sampled-token estimator)."""
+    response token ([R], for the sampled-token estimator); for a rollout, the log-probability
+    each token had under the policy that sampled it ([R], for the importance weight of a rollout
+    sampled by older weights)."""
 
     prompt: list[int]
     response: list[int]
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     token_logprobs: torch.Tensor | None = None
+    sample_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -179,7 +182,8 @@ class TokenBatch:
     target_mask: [B, L] True where the next token is a response token (prompt tokens never
     count; the final eos always does); targets: [B, L] the next token; topk_ids / topk_logprobs:
     [B, L, K] or None; token_logprobs: [B, L] the teacher's log-probability of each target token,
-    or None. `position_ids` [B, L] is set when rows are packed (several sequences per row, each
+    or None; sample_logprobs: [B, L] the sampling policy's log-probability of each target token
+    (rollouts from an inference engine), or None. `position_ids` [B, L] is set when rows are packed (several sequences per row, each
     starting again at position 0; the model then keeps attention inside each sequence); None
     means one right-padded sequence per row.
     `stats` are numbers about how the batch was made (padding, on-policy rollouts), logged with
@@ -196,6 +200,7 @@ class TokenBatch:
     token_logprobs: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     position_ids: torch.Tensor | None = None
+    sample_logprobs: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
@@ -228,6 +233,7 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
     topk_ids = torch.zeros((batch, width, k), dtype=torch.long) if k else None
     topk_logprobs = torch.zeros((batch, width, k), dtype=torch.float32) if k else None
     chosen = torch.zeros((batch, width), dtype=torch.float32) if examples[0].token_logprobs is not None else None
+    sampled = torch.zeros((batch, width), dtype=torch.float32) if examples[0].sample_logprobs is not None else None
     for row, members in enumerate(rows):
         offset = 0
         for index in members:
@@ -252,6 +258,8 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
                 topk_logprobs[row, start:stop] = example.topk_logprobs[:stop - start].float()
             if chosen is not None:
                 chosen[row, start:stop] = example.token_logprobs[:stop - start].float()
+            if sampled is not None:
+                sampled[row, start:stop] = example.sample_logprobs[:stop - start].float()
         if position_ids is not None and offset < width:
             # The row's padding tail counts on from its last sequence, so that it forms one more
             # sequence of its own that no real token attends to.
@@ -260,7 +268,7 @@ def collate(examples: list[Example], pad_id: int, max_length: int, mode: str | N
     layout = {"padding": 1 - real / (batch * width),
               "padding_unpacked": 1 - real / (len(examples) * max(lengths))}
     return TokenBatch(input_ids, attention_mask, target_mask, targets, topk_ids, topk_logprobs, mode, chosen,
-                      {**layout, **(stats or {})}, position_ids)
+                      {**layout, **(stats or {})}, position_ids, sampled)
 
 
 def pack_rows(lengths: list[int]) -> list[list[int]]:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from distill.common.devices import resolve_device
 from distill.common.errors import ConfigError, Interrupted
 from distill.common.files import atomic_write_text, prepare_output_dir, resolve_cache_dir
 from distill.common.tracking import Tracker, read_metrics
+from distill.common.typed_config import as_dict
 from distill.config import Config
 from distill.data import drop_long_prompts, load_chat_dataset
 from distill.distributed import Processes, processes
@@ -89,11 +90,11 @@ def _run(cfg: Config, progress: bool, made: list[Path]) -> RunSummary:
     made.append(run_dir)
     summary = RunSummary(run_dir=run_dir)
     # The main process keeps the run's log (and W&B); the others log nothing of their own.
-    tracker = Tracker(run_dir, logger=cfg.logger, config=asdict(cfg), wandb=cfg.wandb, run_name=run_dir.name) \
+    tracker = Tracker(run_dir, logger=cfg.logger, config=as_dict(cfg), wandb=cfg.wandb, run_name=run_dir.name) \
         if proc.main else Tracker(run_dir, metrics_file=None)
     with tracker, contextlib.ExitStack() as cleanup:  # cleanup: a vLLM server started for the run
         if proc.main:
-            atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
+            atomic_write_text(run_dir / "config.json", json.dumps(as_dict(cfg), indent=2))
             if cfg.resume:
                 tracker.forget_run_records()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from distill.common.typed_config import as_dict
 from pathlib import Path
 
 from distill.common.errors import ConfigError
@@ -47,7 +47,7 @@ def check_run_folder(cfg: Config) -> None:
     except (OSError, ValueError) as error:
         raise ConfigError(f"resume=true: cannot read {stored} ({error}); that run cannot be checked, start a new "
                           "run_dir") from None
-    changed = differences(before, json.loads(json.dumps(asdict(cfg))))
+    changed = differences(before, json.loads(json.dumps(as_dict(cfg))))
     if changed:
         shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""

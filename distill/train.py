@@ -145,7 +145,7 @@ def fit(model: PreTrainedModel, batches: Iterator[list[TokenBatch]], objective: 
                            f"perf/{_model_name(prefix)}/tokens_per_s": (tokens_seen - tokens_before) / elapsed})
             tracker.log(record)
             records.append(record)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think") and k not in LAYOUT})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if not k.endswith("think") and k not in OFF_BAR})
             sums, counts = {}, {}
         if periodic is not None and ((step + 1) % periodic[0] == 0 or step + 1 == schedule.steps):
             with engine.full_weights_in(model) as current:
@@ -166,8 +166,10 @@ class TrainingDiverged(UserError, FloatingPointError):
     """The loss or a gradient stopped being finite; the message names the step and the way back."""
 
 
-# Batch-layout statistics: logged, but kept off the progress bar.
-LAYOUT = ("padding", "padding_unpacked")
+# How batches were made (layout, rollout timing and weight versions): logged, but kept off the
+# progress bar.
+OFF_BAR = ("padding", "padding_unpacked", "rollout_policy_version", "rollout_staleness", "rollout_sample_s",
+           "rollout_sync_s", "rollout_wait_s", "rollout_truncated", "is_clipped")
 
 
 def _last_good(checkpoints: StepCheckpoints | None) -> str:
@@ -259,12 +261,15 @@ def cross_entropy_objective(real_vocab: int) -> Objective:
     return objective
 
 
-def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str = "full") -> Objective:
+def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str = "full",
+                           is_cap: float = 2.0) -> Objective:
     """Divergence from the teacher's top-k distribution, plus an optional cross-entropy mix;
     or, with `estimator="sampled_token"`, the reverse-KL estimator that uses the teacher's
     log-probability of each sampled token alone, on the student's own samples (batches that carry
     those log-probabilities); the teacher's cached samples mixed into the on-policy stage are
     still scored with the divergence, since the estimator holds only for the student's samples.
+    Rollouts that carry their sampling policy's log-probabilities (an inference engine's) are
+    weighted by the truncated importance ratio, capped at `is_cap`.
 
     `loss.implementation=chunked` (the default) never builds the [tokens, vocab] logits;
     `naive` does, for comparison."""
@@ -277,7 +282,8 @@ def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str
     def objective(model, batch, step_tokens):
         mask = batch.target_mask
         if estimator == "sampled_token" and batch.token_logprobs is not None:
-            teacher, token_loss = losses.SampledTokenTeacher(batch.token_logprobs[mask]), sampled
+            behavior = batch.sample_logprobs[mask] if batch.sample_logprobs is not None else None
+            teacher, token_loss = losses.SampledTokenTeacher(batch.token_logprobs[mask], behavior, is_cap), sampled
         else:
             teacher, token_loss = losses.TopKTeacher(batch.topk_ids[mask], batch.topk_logprobs[mask]), divergence
         targets = batch.targets[mask]
@@ -295,8 +301,9 @@ def distillation_objective(loss_cfg: LossConfig, real_vocab: int, estimator: str
             metrics["kd_loss"] = float(values["kd"].detach().mean())
             if batch.mode:
                 metrics[f"kd_loss_{batch.mode}"] = metrics["kd_loss"]
-            if "ce" in values:
-                metrics["ce"] = float(values["ce"].detach().mean())
+            for key in ("ce", "is_weight", "is_clipped"):
+                if key in values:
+                    metrics[key] = float(values[key].detach().mean())
         loss = loss + _moe_term(model, aux, batch.num_targets / step_tokens, metrics)
         return loss, metrics
 

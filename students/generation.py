@@ -25,6 +25,9 @@ from distill.students.decode import QwenDecoder, cache_argument
 class Generation:
     ids: list[int]    # response tokens, up to and including eos when finished
     finished: bool    # False: cut at max_new_tokens (truncated)
+    # Each token's log-probability under the distribution it was sampled from, when the sampler
+    # reports it (an inference engine); None otherwise.
+    logprobs: list[float] | None = None
 
 
 @torch.inference_mode()

@@ -117,7 +117,8 @@ class VLLMClient:
     def _generate_one(self, prompt: list[int], params: dict) -> Generation:
         choice = self.post("/v1/completions", {"model": self.model, "prompt": prompt, **params})["choices"][0]
         ids = [int(token.removeprefix("token_id:")) for token in choice["logprobs"]["tokens"]]
-        return Generation(ids=ids, finished=choice["finish_reason"] == "stop")
+        logprobs = [float(value) for value in choice["logprobs"]["token_logprobs"]]
+        return Generation(ids=ids, finished=choice["finish_reason"] == "stop", logprobs=logprobs)
 
     def _served_model(self) -> str:
         try:

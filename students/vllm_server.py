@@ -47,7 +47,8 @@ class VLLMServer:
 
     def __init__(self, model: str | Path, *, port: int | None = None, max_logprobs: int = 20,
                  dtype: str = "float32", max_model_len: int | None = None, venv: Path | str | None = None,
-                 log_path: Path | str | None = None, startup_timeout: float = 600.0, extra_args: list[str] = ()):
+                 log_path: Path | str | None = None, startup_timeout: float = 600.0, extra_args: list[str] = (),
+                 served_name: str = "teacher", env: dict[str, str] | None = None):
         self.model = str(model)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,8 +56,9 @@ class VLLMServer:
         self.python = vllm_python(venv)
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/distill-vllm-{self.port}.log")
         self.startup_timeout = startup_timeout
+        self.env = dict(env or {})
         self.args = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-                     "--max-logprobs", str(max_logprobs), "--dtype", dtype, "--served-model-name", "teacher",
+                     "--max-logprobs", str(max_logprobs), "--dtype", dtype, "--served-model-name", served_name,
                      "--disable-log-stats", "--uvicorn-log-level", "warning"]
         if max_model_len:
             self.args += ["--max-model-len", str(max_model_len)]
@@ -66,7 +68,7 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1"}
+               "DO_NOT_TRACK": "1", **self.env}
         log = open(self.log_path, "w")
         # The console script of vllm-cpu is broken; the module entry point works everywhere. It
         # runs under a guard (students/process_guard.py) in a session of its own (a Ctrl-C to the

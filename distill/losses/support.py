@@ -52,12 +52,19 @@ class TopKTeacher:
 @dataclass(frozen=True)
 class SampledTokenTeacher:
     """Only the teacher's log-probability of each sampled token, [N]: all the sampled-token
-    estimator of on-policy distillation needs (any backend gives it, a server too)."""
+    estimator of on-policy distillation needs (any backend gives it, a server too).
+
+    `behavior` [N], when given, is the log-probability each token had under the policy that
+    sampled it (an inference engine whose weights may be some steps behind the trainer's); the
+    estimator then weighs each token by the truncated importance ratio min(q/behavior, cap)."""
 
     chosen: torch.Tensor
+    behavior: torch.Tensor | None = None
+    cap: float = 2.0
 
     def rows(self, index) -> "SampledTokenTeacher":
-        return SampledTokenTeacher(self.chosen[index])
+        return SampledTokenTeacher(self.chosen[index], None if self.behavior is None else self.behavior[index],
+                                   self.cap)
 
 
 TeacherDistribution = FullTeacher | TopKTeacher

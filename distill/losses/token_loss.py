@@ -76,12 +76,24 @@ def sampled_token_reverse_kl(student_logits: torch.Tensor, teacher: SampledToken
     credit to later tokens, as in Thinking Machines' on-policy distillation. Unbiased only when
     the samples come from q itself: sample at temperature 1 without top-k/top-p truncation.
     "kd" is the estimate, which averages to the reverse KL.
+
+    Samples from another policy mu (an engine some weight versions behind, or one whose numerics
+    differ from the trainer's): with `teacher.behavior` = log mu(y), each token is weighted by
+    w = min(q(y) / mu(y), cap), detached, the truncated importance sampling of off-policy
+    actor-critic methods (IMPALA's truncated rho; TIS in asynchronous RL trainers). Truncation
+    trades a little bias for bounded variance; w = 1 when mu is q. Returns "is_weight" [N] and
+    "is_clipped" [N] (1 where the cap bit) too.
     """
     if vocab is not None:
         student_logits = student_logits[..., :vocab]
     logq = gathered_log_softmax(student_logits, targets.long()[:, None])[:, 0]
     estimate = logq.detach() - teacher.chosen.float()
-    return {"loss": estimate * logq, "kd": estimate}
+    if teacher.behavior is None:
+        return {"loss": estimate * logq, "kd": estimate}
+    ratio = torch.exp(logq.detach() - teacher.behavior.float())
+    weight = ratio.clamp(max=teacher.cap)
+    return {"loss": weight * estimate * logq, "kd": estimate, "is_weight": weight,
+            "is_clipped": (ratio > teacher.cap).float()}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ an unfinished one continues from its newest step checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from distill.onpolicy import OnPolicyBatches
 from distill.parallel import Engine, make_engine
 from distill.stages.evaluation import periodic_eval
 from distill.stages.release import CHECKSUMS, save_model_folder
+from distill.stages.rollouts import start_rollout_engine
 from distill.stages.teacher import TeacherSource, connect
 from distill.students.build import build_random, checkpoint_activations, init_from_teacher, load_pretrained
 from distill.students.chat import prompt_messages
@@ -138,7 +140,7 @@ def train_student(cfg: Config, name: str, student: PreTrainedModel, data: Studen
                                      data.validation, steps, proc)
         else:
             records += fit_onpolicy(cfg, name, student, data, tokenizer, make_teacher(), tracker, progress, position,
-                                    steps, proc)
+                                    steps, proc, run_dir=run_dir)
         if not proc.in_sync(student):
             raise RuntimeError(f"{name}: the processes' parameters differ after the {stage} stage")
         if proc.world > 1:
@@ -170,9 +172,11 @@ def fit_offpolicy(cfg: Config, name: str, student: PreTrainedModel, examples: di
 
 def fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: StudentData, tokenizer, teacher,
                  tracker: Tracker, progress: bool, position: int = 0,
-                 checkpoints: StepCheckpoints | None = None, proc: Processes = Processes()) -> list[dict]:
-    """On-policy distillation: the student samples, the teacher scores those tokens, the student
-    minimises the divergence on them (GKD's lambda mixes in cached teacher samples)."""
+                 checkpoints: StepCheckpoints | None = None, proc: Processes = Processes(),
+                 run_dir: Path | None = None) -> list[dict]:
+    """On-policy distillation: the student samples (in process, or on the rollout engine of
+    `cfg.rollout`), the teacher scores those tokens, the student minimises the divergence on
+    them (GKD's lambda mixes in cached teacher samples)."""
     stage = cfg.pipeline.onpolicy
     schedule = Schedule(steps=stage.steps, lr=stage.lr, warmup_steps=stage.warmup_steps,
                         weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
@@ -181,17 +185,23 @@ def fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Student
         offpolicy = ModeAlternatingBatches(data.examples, stage.batch_size, tokenizer.pad_token_id,
                                            cfg.data.max_length, micro_batches=stage.grad_accum, seed=stage.seed + 1,
                                            rank=proc.rank, world=proc.world, pack=cfg.data.pack)
-    objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator)
+    objective = distillation_objective(stage.loss, len(tokenizer), estimator=stage.estimator,
+                                       is_cap=cfg.rollout.is_cap)
     engine = _engine(cfg, student, objective, schedule, stage, proc)
-    # Rollouts come from the student object itself: a sharding engine gathers the current
-    # weights into it for each step's sampling.
-    batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
-                              max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed, rank=proc.rank,
-                              world=proc.world, policy_weights=engine.full_weights_in, pack=cfg.data.pack)
-    return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
-               desc=f"on-policy {name}", progress=progress, position=position,
-               periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation),
-               checkpoints=checkpoints, resume=cfg.resume, data_parallel=_data_parallel(proc), engine=engine)
+    with contextlib.ExitStack() as cleanup:
+        rollouts = start_rollout_engine(cfg, name, student, tokenizer, run_dir or Path(cfg.run_dir or "."), proc,
+                                        cleanup)
+        # Rollouts come from the student object itself, or from its weights synced into the
+        # engine: a sharding engine gathers the current weights into it for either.
+        batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
+                                  max_length=cfg.data.max_length, offpolicy=offpolicy, seed=stage.seed,
+                                  rank=proc.rank, world=proc.world, policy_weights=engine.full_weights_in,
+                                  pack=cfg.data.pack, engine=rollouts, rollout=cfg.rollout)
+        cleanup.callback(batches.close)
+        return fit(student, batches, objective, schedule, tracker=tracker, prefix=f"train/{name}/onpolicy",
+                   desc=f"on-policy {name}", progress=progress, position=position,
+                   periodic=_periodic(cfg, f"{name}/onpolicy", tokenizer, data.validation),
+                   checkpoints=checkpoints, resume=cfg.resume, data_parallel=_data_parallel(proc), engine=engine)
 
 
 def _data_parallel(proc: Processes) -> DataParallel:

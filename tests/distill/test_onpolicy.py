@@ -173,3 +173,126 @@ def test_onpolicy_training_moves_the_student_towards_the_teacher_on_its_own_samp
         prefix="train/s/onpolicy", desc="test", progress=False)
     after = _reverse_kl_on_own_samples(student, teacher, tokenizer, seed=100)
     assert after < bound * before, (before, after)
+
+
+# --- rollouts from an engine whose weights follow the trainer's --------------------------------
+
+def test_the_importance_weight_corrects_samples_from_older_weights():
+    """Samples from mu, not q: each token's estimator term is weighted by min(q/mu, cap); with
+    mu = q the loss is the plain estimator's."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 30, generator=g, requires_grad=True)
+    targets = torch.randint(0, 30, (6,), generator=g)
+    teacher_chosen = torch.randn(6, generator=g) - 3
+    logq = torch.log_softmax(logits.detach(), -1).gather(-1, targets[:, None])[:, 0]
+
+    plain = sampled_token_reverse_kl(logits, SampledTokenTeacher(teacher_chosen), targets)
+    same = sampled_token_reverse_kl(logits, SampledTokenTeacher(teacher_chosen, behavior=logq), targets)
+    torch.testing.assert_close(same["loss"], plain["loss"])
+    assert torch.allclose(same["is_weight"], torch.ones(6)) and same["is_clipped"].sum() == 0
+
+    # The sampler gave some tokens less probability than q does (ratio > 1), some more.
+    behavior = logq + torch.tensor([-2.0, -0.3, 0.0, 0.2, 1.0, -5.0])
+    out = sampled_token_reverse_kl(logits, SampledTokenTeacher(teacher_chosen, behavior=behavior, cap=2.0), targets)
+    ratio = torch.exp(logq - behavior)
+    expected_weight = ratio.clamp(max=2.0)
+    torch.testing.assert_close(out["is_weight"], expected_weight)
+    assert out["is_clipped"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    # The gradient is the weighted score-function gradient: w * (log q - log p) * grad log q.
+    (grad,) = torch.autograd.grad(out["loss"].sum(), logits)
+    (grad_plain_rows,) = torch.autograd.grad((expected_weight * plain["loss"]).sum(), logits)
+    torch.testing.assert_close(grad, grad_plain_rows)
+    torch.testing.assert_close(out["kd"], plain["kd"])   # the logged estimate stays unweighted
+
+
+class InProcessEngine:
+    """A stand-in for the vLLM rollout engine with the same interface: its own copy of the
+    student, loaded from the checkpoint tensors the trainer sends; it records which weights each
+    rollout was sampled from."""
+
+    def __init__(self, student, tokenizer):
+        self.model, self.tokenizer = copy.deepcopy(student).eval(), tokenizer
+        self.version, self.loads, self.sampled = 0, [], []
+
+    def load(self, tensors, version):
+        self.model.load_state_dict(tensors, strict=False)
+        self.version = version
+        self.loads.append(version)
+        return 0.01
+
+    def wait_for(self, version):
+        raise AssertionError("one process: nothing waits")
+
+    def sample(self, prompts, *, max_new_tokens, sampling, seed):
+        from distill.students.generation import generate
+
+        self.sampled.append((self.version, float(self.model.model.norm.weight[0]), prompts, seed))
+        out = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                       progress=False)
+        for g in out:
+            g.logprobs = [-1.0] * len(g.ids)
+        return out
+
+
+@pytest.mark.parametrize("sync_every,async_,staleness", [(1, False, 0), (1, True, 1), (1, True, 2), (2, False, None)])
+def test_engine_rollouts_come_from_weights_at_most_the_allowed_versions_behind(tokenizer, sync_every, async_,
+                                                                               staleness):
+    from distill.config import RolloutConfig
+
+    student, teacher = _model(0, scale=0.3), TransformersTeacher(_model(1, scale=0.5), tokenizer, name="t",
+                                                                  progress=False)
+    engine = InProcessEngine(student, tokenizer)
+    rollout = RolloutConfig(engine="vllm", sync_every=sync_every, async_=async_, max_staleness=staleness or 1)
+    cfg = OnPolicyConfig(batch_size=3, max_new_tokens=6, top_k=4)
+    batches = OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=8, max_length=256, engine=engine,
+                              rollout=rollout)
+    marks = []   # the trainer's weights at each version, told apart by one norm weight
+    for step in range(6):
+        marks.append(float(student.model.norm.weight[0].detach()))
+        micro = next(batches)
+        version = int(micro[0].stats["rollout_policy_version"])
+        lag = micro[0].stats["rollout_staleness"]
+        assert lag == step - version
+        if staleness is None:   # synchronous, synced every second step: 0 or 1 behind
+            assert version == step - step % 2
+        else:
+            assert lag == min(step, staleness)
+        assert micro[0].sample_logprobs is not None    # the sampler's log-probabilities travel with the batch
+        with torch.no_grad():
+            student.model.norm.weight[0] += 1.0   # an optimizer step: a new version
+    # Each rollout was sampled by exactly the weights of the version it records.
+    for version, mark, _, _ in engine.sampled[:6]:
+        assert mark == marks[version]
+    batches.close()
+
+
+def test_async_batches_resume_where_training_stopped(tokenizer):
+    """The state saved after a step is that of the next step to train, whatever was sampled
+    ahead: a resumed stage plans the same prompts and seeds."""
+    from distill.config import RolloutConfig
+
+    def fresh():
+        student = _model(0, scale=0.3)
+        teacher = TransformersTeacher(_model(1, scale=0.5), tokenizer, name="t", progress=False)
+        engine = InProcessEngine(student, tokenizer)
+        rollout = RolloutConfig(engine="vllm", async_=True, max_staleness=2)
+        cfg = OnPolicyConfig(batch_size=3, max_new_tokens=4, top_k=4, grad_accum=2)
+        return OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=8, max_length=256, engine=engine,
+                               rollout=rollout), engine
+
+    whole, whole_engine = fresh()
+    for _ in range(6):
+        next(whole)
+    stopped, _ = fresh()
+    for _ in range(3):
+        next(stopped)
+    state = stopped.state_dict()
+    resumed, resumed_engine = fresh()
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        next(resumed)
+    planned = lambda engine, start: [(prompts, seed) for _, _, prompts, seed in engine.sampled[start:start + 6]]
+    assert planned(resumed_engine, 0) == planned(whole_engine, 6)   # steps 3..5: two micro-batches each
+    assert resumed_engine.loads[0] == 3    # the restored weights went to the engine first
+    for b in (whole, stopped, resumed):
+        b.close()

@@ -1,0 +1,42 @@
+"""The on-policy stage's rollout engine for one student: none (the student samples in process),
+or a vLLM server on the student's weights (students/rollout_engine.py), started by the main
+process when the stage starts, shared with the other data-parallel processes by its URL, and
+stopped when the stage ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.common.errors import ConfigError
+from distill.config import Config
+from distill.distributed import Processes
+from distill.students.rollout_engine import VLLMRollouts, check_servable, weights_folder
+
+
+def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                         run_dir: Path, proc: Processes, cleanup: contextlib.ExitStack) -> VLLMRollouts | None:
+    """The engine `name`'s rollouts come from (None: in process), stopped when `cleanup` closes."""
+    rollout = cfg.rollout
+    if rollout.engine == "in_process":
+        return None
+    if rollout.async_ and proc.world > 1:
+        raise ConfigError("rollout.async=true runs with one process for now (ranks would load and sample on one "
+                          "server out of step): set rollout.async=false, or train on one process")
+    check_servable(student.config, next(student.parameters()).device.type)
+    settings = dict(dtype=rollout.dtype, max_model_len=rollout.max_model_len or cfg.data.max_length,
+                    log_path=run_dir / f"vllm_rollouts_{name.replace('/', '_')}.log",
+                    startup_timeout=rollout.startup_timeout, extra_args=rollout.vllm_args)
+    if not proc.main:
+        return VLLMRollouts(student, tokenizer, run_dir, url=proc.share(None), **settings).start()
+    folder = weights_folder(run_dir, name)
+    cleanup.callback(shutil.rmtree, folder, True)
+    engine = VLLMRollouts(student, tokenizer, folder, **settings)
+    cleanup.callback(engine.stop)
+    engine.start()
+    proc.share(engine.url)
+    return engine

