@@ -161,22 +161,20 @@ class OnPolicyBatches:
                 return self._make(plans, lam, current, student=student)
         # The trainer's weights go to the engine when they are `sync_every` versions ahead of
         # it (and after a resume, whose engine was started from the stage's first weights).
-        weights = None
+        weights, synced = None, False
         if self.loaded_version is None or current - self.loaded_version >= self.rollout.sync_every:
-            with self.policy_weights(self.student) as student:
-                # A copy when the trainer moves on before the engine has read them.
-                weights = checkpoint_tensors(student, DTYPES[self.rollout.dtype], copy=bool(self.ahead)) \
-                    if self.rank == 0 else None
-            self.loaded_version = current
-            if self.rank != 0:
-                weights = None
-        version, load = self.loaded_version, weights is not None or (self.rank != 0 and current == version)
+            with self.policy_weights(self.student) as student:   # every rank: a sharded engine gathers
+                if self.rank == 0:
+                    # A copy when the trainer moves on before the engine has read them.
+                    weights = checkpoint_tensors(student, DTYPES[self.rollout.dtype], copy=bool(self.ahead))
+            self.loaded_version, synced = current, True
+        version = self.loaded_version
 
         def make() -> list[TokenBatch]:
             stats = {}
             if weights is not None:
                 stats["rollout_sync_s"] = self.engine.load(weights, version)
-            elif self.rank != 0 and load:
+            elif synced:   # another rank loads them: sample once the engine holds them
                 self.engine.wait_for(version)
             return self._make(plans, lam, version, stats=stats)
 

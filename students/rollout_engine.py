@@ -92,9 +92,12 @@ class VLLMRollouts:
         self.client: VLLMClient | None = None
         self.version = 0
 
-    def start(self) -> "VLLMRollouts":
+    def start(self, weights: PreTrainedModel | None = None) -> "VLLMRollouts":
+        """Start the server on `weights` (a model holding the student's whole weights; by default
+        the student itself), or connect to the one at `url`."""
         if self.url is None:
-            served = write_served_model(self.student, self.tokenizer, self.folder / "v0", DTYPES[self.dtype])
+            served = write_served_model(weights or self.student, self.tokenizer, self.folder / "v0",
+                                        DTYPES[self.dtype])
             # The worker extension travels as a copy of one file on the server's path: the vLLM
             # environment has no distill installed.
             extension = self.folder / "extension"
@@ -112,6 +115,8 @@ class VLLMRollouts:
                 self.stop()
                 raise
         self.client = VLLMClient(self.url, self.tokenizer, concurrency=self.concurrency, progress=False)
+        if self.server is not None:
+            self.client.post("/update_weight_version", {"new_version": "0"})
         return self
 
     def load(self, tensors: dict[str, torch.Tensor], version: int) -> float:
@@ -132,8 +137,8 @@ class VLLMRollouts:
         """Block until the engine holds weights of `version` or newer (another rank loads them)."""
         deadline = time.monotonic() + timeout
         while True:
-            held = self.client.http.get(f"{self.url}/weight_info", timeout=30.0).json().get("weight_version")
-            if held is not None and int(held) >= version:
+            held = str(self.client.http.get(f"{self.url}/weight_info", timeout=30.0).json().get("weight_version"))
+            if held.isdigit() and int(held) >= version:   # a server never synced says "default"
                 self.version = int(held)
                 return
             if time.monotonic() > deadline:

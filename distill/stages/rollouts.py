@@ -19,24 +19,30 @@ from distill.students.rollout_engine import VLLMRollouts, check_servable, weight
 
 
 def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                         run_dir: Path, proc: Processes, cleanup: contextlib.ExitStack) -> VLLMRollouts | None:
-    """The engine `name`'s rollouts come from (None: in process), stopped when `cleanup` closes."""
+                         run_dir: Path, proc: Processes, cleanup: contextlib.ExitStack,
+                         full_weights=contextlib.nullcontext, device: str = "cpu") -> VLLMRollouts | None:
+    """The engine `name`'s rollouts come from (None: in process), stopped when `cleanup` closes.
+    `full_weights(student)` gives a model with the whole weights (a sharded engine gathers them,
+    on every rank); `device` is the trainer's ("cpu", "cuda")."""
     rollout = cfg.rollout
     if rollout.engine == "in_process":
         return None
     if rollout.async_ and proc.world > 1:
         raise ConfigError("rollout.async=true runs with one process for now (ranks would load and sample on one "
                           "server out of step): set rollout.async=false, or train on one process")
-    check_servable(student.config, next(student.parameters()).device.type)
+    check_servable(student.config, device)
     settings = dict(dtype=rollout.dtype, max_model_len=rollout.max_model_len or cfg.data.max_length,
                     log_path=run_dir / f"vllm_rollouts_{name.replace('/', '_')}.log",
                     startup_timeout=rollout.startup_timeout, extra_args=rollout.vllm_args)
     if not proc.main:
+        with full_weights(student):   # the main rank's gather needs every rank
+            pass
         return VLLMRollouts(student, tokenizer, run_dir, url=proc.share(None), **settings).start()
     folder = weights_folder(run_dir, name)
     cleanup.callback(shutil.rmtree, folder, True)
     engine = VLLMRollouts(student, tokenizer, folder, **settings)
     cleanup.callback(engine.stop)
-    engine.start()
+    with full_weights(student) as whole:
+        engine.start(whole)
     proc.share(engine.url)
     return engine

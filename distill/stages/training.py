@@ -190,7 +190,7 @@ def fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Student
     engine = _engine(cfg, student, objective, schedule, stage, proc)
     with contextlib.ExitStack() as cleanup:
         rollouts = start_rollout_engine(cfg, name, student, tokenizer, run_dir or Path(cfg.run_dir or "."), proc,
-                                        cleanup)
+                                        cleanup, full_weights=engine.full_weights_in, device=engine.device.type)
         # Rollouts come from the student object itself, or from its weights synced into the
         # engine: a sharding engine gathers the current weights into it for either.
         batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
