@@ -98,3 +98,37 @@ def test_two_processes_share_one_engine(tmp_path):
     assert logged["train/moe/onpolicy/rollout_staleness"] == 0       # synchronous: always the current weights
     assert logged["train/moe/onpolicy/rollout_policy_version"] == pytest.approx(1.5)   # steps 0..3
     assert not _engines_alive()
+
+
+def test_a_run_killed_while_sampling_on_the_engine_leaves_no_server_and_resumes(tmp_path):
+    """SIGKILL the run in its async on-policy stage: the engine and its processes end with it;
+    `resume=true` continues from the step checkpoint on a new engine and finishes."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import survivors_of_killing
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "distill", *SERVABLE_RUN, f"run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}",
+               "~students.dense", "rollout.engine=vllm", "rollout.async=true", "pipeline.stages=[teacher,onpolicy]",
+               "pipeline.onpolicy.steps=8", "checkpoint_every=2"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run_process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = run_dir / "checkpoints" / "steps" / "onpolicy" / "moe"
+    deadline = time.monotonic() + 600
+    while not list(steps.glob("step-*")) and time.monotonic() < deadline and run_process.poll() is None:
+        time.sleep(0.5)
+    assert list(steps.glob("step-*")), "no on-policy step checkpoint was written"
+    engines = [p for p in psutil.process_iter(["cmdline"]) if "distill-rollouts-" in " ".join(p.info["cmdline"] or [])]
+    engines += [child for p in engines for child in p.children(recursive=True)]
+    assert engines
+    alive = survivors_of_killing(run_process, engines, timeout=60)
+    assert not alive, f"{len(alive)} engine process(es) outlived the killed run"
+
+    done = subprocess.run([*command, "resume=true"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "onpolicy" / "moe").is_dir()
+    finals = [r for r in read_metrics(run_dir) if r.get("train/moe/onpolicy/step") == 8]
+    assert len(finals) == 1 and finals[0]["train/moe/onpolicy/rollout_staleness"] <= 1
+    assert not _engines_alive()
