@@ -19,6 +19,8 @@ from distill.losses.vocab import VocabularyMismatch, shared_vocabulary
 from distill.memory import activation_bytes, check_fits, estimate
 from distill.stages.teacher import teacher_architecture
 from distill.students.build import TeacherInitError, build_random, check_teacher_init, count_parameters, hf_config
+from distill.students.rollout_engine import check_servable
+from distill.students.vllm_server import ServerError, vllm_python
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -88,6 +90,25 @@ def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.
         params = count_parameters(build_random(arch, device="meta")).total
         activations = micro_batch_activations(cfg, student, real, world, device)
         check_fits(name, estimate(params, teacher_params, teacher_format, shards, activations), device, key)
+    check_rollout_engine(cfg, device, world)
+
+
+def check_rollout_engine(cfg: Config, device: torch.device, world: int) -> None:
+    """`rollout.engine=vllm`: the vLLM environment exists, every student is one vLLM serves on
+    this device, and async sampling runs with one process."""
+    if "onpolicy" not in cfg.pipeline.stages or cfg.rollout.engine != "vllm":
+        return
+    if cfg.rollout.async_ and world > 1:
+        raise ConfigError("rollout.async=true runs with one process for now (ranks would load and sample on one "
+                          "server out of step): set rollout.async=false, or train on one process")
+    for name, student in cfg.students.items():
+        config = AutoConfig.from_pretrained(student.pretrained) if student.init == "pretrained" \
+            else hf_config(student.architecture)
+        try:
+            check_servable(config, device.type)
+        except ServerError as error:
+            raise ConfigError(f"student '{name}': {error}") from None
+    vllm_python()   # one line when the vLLM environment is missing
 
 
 def micro_batch_activations(cfg: Config, student, vocab: int, world: int, device: torch.device) -> int:

@@ -116,3 +116,12 @@ def test_wandb_unreachable_training_goes_on_offline(tiny_run_overrides, tmp_path
     summary = run(config, progress=False)
     assert "logging offline instead" in capsys.readouterr().out
     assert list((summary.run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_student_the_cpu_rollout_engine_cannot_serve(tiny_run_overrides, tmp_path, capsys):
+    """vLLM's CPU attention has no head_dim 16 (the test run's dense student): refused before
+    anything is trained or written."""
+    line = _fails([o for o in tiny_run_overrides if not o.startswith(("run_dir", "cache_dir"))] +
+                  ["rollout.engine=vllm", "device=cpu"], tmp_path, capsys, "student 'dense'", "head_dim 16",
+                  "rollout.engine=in_process")
+    assert not (tmp_path / "run").exists(), line

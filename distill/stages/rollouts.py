@@ -12,7 +12,6 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.common.errors import ConfigError
 from distill.config import Config
 from distill.distributed import Processes
 from distill.students.rollout_engine import VLLMRollouts, check_servable, weights_folder
@@ -27,10 +26,7 @@ def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, token
     rollout = cfg.rollout
     if rollout.engine == "in_process":
         return None
-    if rollout.async_ and proc.world > 1:
-        raise ConfigError("rollout.async=true runs with one process for now (ranks would load and sample on one "
-                          "server out of step): set rollout.async=false, or train on one process")
-    check_servable(student.config, device)
+    check_servable(student.config, device)   # checked before the run (distill/preflight.py); here for direct callers
     settings = dict(dtype=rollout.dtype, max_model_len=rollout.max_model_len or cfg.data.max_length,
                     log_path=run_dir / f"vllm_rollouts_{name.replace('/', '_')}.log",
                     startup_timeout=rollout.startup_timeout, extra_args=rollout.vllm_args)
