@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 # Fields a resumed run may change: where things go, how they are logged and evaluated, how the
 # work is spread over threads and processes, how often step checkpoints are kept.
 MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "run_dir", "cache_dir", "logger", "wandb", "threads",
-                        "student_workers", "device", "checkpoint_every", "checkpoint_keep", "pipeline.eval")
+                        "student_workers", "device", "checkpoint_every", "checkpoint_keep", "pipeline.eval",
+                        "rollout.startup_timeout", "rollout.vllm_args")
 
 
 def check_run_folder(cfg: Config) -> None:
