@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from distill.common.typed_config import as_dict
+from distill.config import RolloutConfig
+
 KEPT = ("teacher_outputs", "checkpoints/offpolicy")
 
 
@@ -36,7 +39,8 @@ def prepare(base: Path, copy: Path, engine: str, seed: int) -> None:
     for part in KEPT:
         shutil.copytree(base / part, copy / part)
     config = json.loads((base / "config.json").read_text())
-    config["rollout"]["engine"] = engine
+    # rollout settings the base run predates take their defaults
+    config["rollout"] = {**as_dict(RolloutConfig()), **config.get("rollout", {}), "engine": engine}
     config["pipeline"]["onpolicy"]["seed"] = seed
     config["run_dir"] = str(copy)
     (copy / "config.json").write_text(json.dumps(config, indent=2))

@@ -10,9 +10,10 @@ three ways, one after the other in this process on the same cores:
 - `vllm_async`: the same server samples step t+1 while the trainer trains on step t
   (rollout.async=true, one version stale at most).
 
-With the engine, the cores are split: the server's one (VLLM_CPU_OMP_THREADS_BIND) and the
-trainer's the rest. Startup (the server's ~1 minute) is reported apart and left out of the
-stage time. Reported per run: stage seconds per step, rollout tokens per second of stage time,
+With the engine, the cores are split as `rollout.engine_cores` splits them: every process of the
+server on the last core (its OpenMP threads bound there too), the trainer on the others. Startup (the server's ~1 minute) is reported apart and left out of the
+stage time, and so is the first step of each run (one-time costs). Reported per run: stage
+seconds per step, rollout tokens per second of stage time,
 the share of the stage the trainer spent waiting for batches (sampling + teacher scoring it could
 not overlap), and the mean reverse-KL estimate of the last half of the steps (the same training
 signal whichever engine sampled). One JSON line per run on stdout and in --out.
@@ -49,18 +50,23 @@ from distill.train import Schedule, distillation_objective, fit
 
 
 class TimedBatches:
-    """The stage's batches, counting the seconds the trainer waits for each."""
+    """The stage's batches, counting the seconds the trainer waits for each after the first
+    (the first step pays one-time costs: lazy initialisation, the engine's first shapes)."""
 
     def __init__(self, batches: OnPolicyBatches):
-        self.batches, self.waited = batches, 0.0
+        self.batches, self.waited, self.calls, self.steady_from = batches, 0.0, 0, None
 
     def __iter__(self):
         return self
 
     def __next__(self):
         started = time.perf_counter()
+        if self.calls == 1:
+            self.steady_from = started
         micro = next(self.batches)
-        self.waited += time.perf_counter() - started
+        if self.calls >= 1:
+            self.waited += time.perf_counter() - started
+        self.calls += 1
         return micro
 
     def state_dict(self):
@@ -82,15 +88,14 @@ def run_stage(student, teacher, tokenizer, prompts, cfg: OnPolicyConfig, steps: 
     objective = distillation_objective(cfg.loss, len(tokenizer))
     with tempfile.TemporaryDirectory() as folder:
         tracker = Tracker(Path(folder))
-        started = time.perf_counter()
         fit(student, timed, objective, Schedule(steps=steps, lr=cfg.lr, warmup_steps=0), tracker=tracker,
             prefix="train/s/onpolicy", desc="bench", progress=False, log_every=1)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - timed.steady_from    # steps 2.. (the first is a warm-up)
         records = [r for r in read_metrics(Path(folder)) if "train/s/onpolicy/kd_loss" in r]
     batches.close()
-    tokens = sum(r["train/s/onpolicy/rollout_tokens"] for r in records) * cfg.batch_size
+    tokens = sum(r["train/s/onpolicy/rollout_tokens"] for r in records[1:]) * cfg.batch_size
     late = [r["train/s/onpolicy/kd_loss"] for r in records[len(records) // 2:]]
-    return {"seconds_per_step": seconds / steps, "rollout_tokens_per_s": tokens / seconds,
+    return {"seconds_per_step": seconds / (steps - 1), "rollout_tokens_per_s": tokens / seconds,
             "trainer_wait_share": timed.waited / seconds, "kd_loss_late": statistics.mean(late),
             "staleness": statistics.mean(r.get("train/s/onpolicy/rollout_staleness", 0.0) for r in records)}
 
@@ -130,10 +135,10 @@ def main() -> None:
                     torch.set_num_threads(max(1, len(cores) - 1))
                     startup = 0.0
                     if engine is None:
-                        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1])
                         started = time.perf_counter()
                         engine = VLLMRollouts(first, tokenizer, Path(tempfile.mkdtemp(prefix="bench-rollouts-")),
-                                              max_model_len=512, log_path=f"/tmp/bench_rollouts_{size}.log").start()
+                                              max_model_len=512, log_path=f"/tmp/bench_rollouts_{size}.log",
+                                              cpus={cores[-1]}).start()
                         startup = time.perf_counter() - started
                     engine.load(checkpoint_tensors(first), 0)   # every run starts from the same weights
                     teacher = TransformersTeacher(teacher_model, tokenizer, name="t", progress=False)

@@ -190,6 +190,9 @@ class RolloutConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # the engine's weights
     max_model_len: int | None = None   # None: data.max_length
     vllm_args: list[str] = field(default_factory=list)   # more server flags (e.g. --gpu-memory-utilization 0.3)
+    # CPU: the cores the engine runs on; the trainer keeps the others for the stage ([] = both
+    # use every core). Async sampling overlaps only when each side has cores of its own.
+    engine_cores: list[int] = field(default_factory=list)
     startup_timeout: float = 900.0
 
 
@@ -372,6 +375,8 @@ def validate(raw: dict) -> Config:
     if config.rollout.async_ and config.rollout.engine != "vllm":
         raise ConfigError("rollout.async=true samples while the trainer trains, which needs a separate engine: set "
                           "rollout.engine=vllm, or rollout.async=false")
+    if config.rollout.engine_cores and config.rollout.engine != "vllm":
+        raise ConfigError("rollout.engine_cores places a rollout engine: set rollout.engine=vllm, or rollout.engine_cores=[]")
     if config.rollout.is_cap < 1:
         raise ConfigError(f"rollout.is_cap must be at least 1 (1 = weights never above one), got {config.rollout.is_cap}")
     _check_positive(config)

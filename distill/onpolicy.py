@@ -80,14 +80,26 @@ class MicroPlan:
     seed: int
 
 
+@dataclass(frozen=True)
+class AheadRollouts:
+    """Rollouts being sampled ahead on the engine (`future` gives the generations per
+    micro-batch and the sampling stats), and what scoring them needs."""
+
+    future: Future
+    plans: list[MicroPlan]
+    lam: float
+    version: int
+
+
 class OnPolicyBatches:
     """Endless optimizer steps for `fit`: each a list of `cfg.grad_accum` micro-batches.
 
     Steps are planned in order (GKD's coin, prompts, mode, seed: everything random is drawn
     here, on the calling thread) and then made: the student samples, the teacher scores. In
     process, and on an engine without `async`, a step is made when it is asked for, from the
-    trainer's current weights. With an async engine, the next `max_staleness` steps are made in
-    a background thread while the trainer trains.
+    trainer's current weights. With an async engine, the next `max_staleness` steps are sampled
+    in a background thread while the trainer trains, and scored by the teacher when their turn
+    comes (the background thread only waits on the engine).
 
     Resumable like `ModeAlternatingBatches` (`state_dict` / `load_state_dict`: the state before
     the next step to be trained was planned): rollout seeds derive from the step, so a resumed
@@ -132,8 +144,14 @@ class OnPolicyBatches:
             self.planned += 1
         made = self.queue.popleft()
         waited = time.perf_counter()
-        micro = made.result() if isinstance(made, Future) else made
-        waited = time.perf_counter() - waited
+        if isinstance(made, AheadRollouts):
+            # Sampled ahead on the engine; the teacher scores here, while the engine samples the
+            # next step (scoring in the background thread would take the trainer's core and GIL).
+            generations, stats = made.future.result()
+            waited = time.perf_counter() - waited
+            micro = self._score(made.plans, generations, made.lam, made.version, stats)
+        else:
+            waited, micro = time.perf_counter() - waited, made
         self.states.pop(self.step, None)
         for batch in micro:
             if "rollout_policy_version" in batch.stats:
@@ -158,7 +176,7 @@ class OnPolicyBatches:
         current = self.step
         if self.engine is None:
             with self.policy_weights(self.student) as student:
-                return self._make(plans, lam, current, student=student)
+                return self._make(plans, lam, current, student)
         # The trainer's weights go to the engine when they are `sync_every` versions ahead of
         # it (and after a resume, whose engine was started from the stage's first weights).
         weights, synced = None, False
@@ -170,15 +188,22 @@ class OnPolicyBatches:
             self.loaded_version, synced = current, True
         version = self.loaded_version
 
-        def make() -> list[TokenBatch]:
+        def sample() -> tuple[list[list[Generation]], dict]:
             stats = {}
             if weights is not None:
                 stats["rollout_sync_s"] = self.engine.load(weights, version)
             elif synced:   # another rank loads them: sample once the engine holds them
                 self.engine.wait_for(version)
-            return self._make(plans, lam, version, stats=stats)
+            started = time.perf_counter()
+            generations = [self.engine.sample(plan.prompts, max_new_tokens=cfg.max_new_tokens, sampling=self.sampling,
+                                              seed=plan.seed) for plan in plans]
+            stats["rollout_sample_s"] = (time.perf_counter() - started) / len(plans)
+            return generations, stats
 
-        return self.background.submit(make) if self.background is not None else make()
+        if self.background is not None:
+            return AheadRollouts(self.background.submit(sample), plans, lam, version)
+        generations, stats = sample()
+        return self._score(plans, generations, lam, version, stats)
 
     def _micro_plan(self, step: int) -> MicroPlan:
         cfg = self.cfg
@@ -193,22 +218,22 @@ class OnPolicyBatches:
         seed = self.seed * 1_000_003 + step * 7919 + self.turn + self.rank * 104_729
         return MicroPlan([self.rendered[mode][i] for i in chosen[self.rank::self.world]], mode, seed)
 
-    def _make(self, plans: list[MicroPlan], lam: float, version: int, *, student=None, stats=None
-              ) -> list[TokenBatch]:
-        micro = []
+    def _make(self, plans: list[MicroPlan], lam: float, version: int, student: PreTrainedModel) -> list[TokenBatch]:
+        """In process: the student samples each micro-batch, the teacher scores it."""
+        generations, started = [], time.perf_counter()
         for plan in plans:
-            started = time.perf_counter()
-            if student is not None:
-                generations = sample_in_process(student, self.tokenizer, plan.prompts, self.cfg, self.sampling,
-                                                plan.seed, self.generation_batch_size)
-            else:
-                generations = self.engine.sample(plan.prompts, max_new_tokens=self.cfg.max_new_tokens,
-                                                 sampling=self.sampling, seed=plan.seed)
-            sampled = time.perf_counter() - started
-            batch = score_rollouts(self.teacher, self.tokenizer, plan.prompts, generations, plan.mode, self.cfg,
+            generations.append(sample_in_process(student, self.tokenizer, plan.prompts, self.cfg, self.sampling,
+                                                 plan.seed, self.generation_batch_size))
+        stats = {"rollout_sample_s": (time.perf_counter() - started) / len(plans)}
+        return self._score(plans, generations, lam, version, stats)
+
+    def _score(self, plans: list[MicroPlan], generations: list[list[Generation]], lam: float, version: int,
+               stats: dict) -> list[TokenBatch]:
+        micro = []
+        for plan, answers in zip(plans, generations):
+            batch = score_rollouts(self.teacher, self.tokenizer, plan.prompts, answers, plan.mode, self.cfg,
                                    max_length=self.max_length, pack=self.pack)
-            batch.stats.update({"lambda": lam, "rollout_policy_version": float(version), "rollout_sample_s": sampled,
-                                **(stats or {})})
+            batch.stats.update({"lambda": lam, "rollout_policy_version": float(version), **stats})
             micro.append(batch)
         return micro
 

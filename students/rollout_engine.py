@@ -83,11 +83,11 @@ class VLLMRollouts:
     def __init__(self, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path | str, *,
                  dtype: str = "float32", max_model_len: int, log_path: Path | str | None = None,
                  startup_timeout: float = 900.0, extra_args: list[str] = (), url: str | None = None,
-                 concurrency: int = 64):
+                 concurrency: int = 64, cpus: set[int] | None = None):
         self.student, self.tokenizer, self.folder = student, tokenizer, Path(folder)
         self.dtype, self.max_model_len, self.log_path = dtype, max_model_len, log_path
         self.startup_timeout, self.extra_args, self.url = startup_timeout, list(extra_args), url
-        self.concurrency = concurrency
+        self.concurrency, self.cpus = concurrency, cpus
         self.server: VLLMServer | None = None
         self.client: VLLMClient | None = None
         self.version = 0
@@ -104,9 +104,12 @@ class VLLMRollouts:
             extension.mkdir(exist_ok=True)
             shutil.copy(Path(__file__).with_name("vllm_worker_extension.py"), extension)
             path = os.pathsep.join(filter(None, [str(extension), os.environ.get("PYTHONPATH")]))
+            env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path}
+            if self.cpus:   # vLLM's CPU worker binds its OpenMP threads to these cores
+                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(self.cpus)))
             self.server = VLLMServer(served, dtype=self.dtype, max_model_len=self.max_model_len, log_path=self.log_path,
-                                     startup_timeout=self.startup_timeout, served_name="student",
-                                     env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path},
+                                     startup_timeout=self.startup_timeout, served_name="student", cpus=self.cpus,
+                                     env=env,
                                      extra_args=["--logprobs-mode", "processed_logprobs", "--worker-extension-cls",
                                                  "vllm_worker_extension.WeightSync", *self.extra_args])
             try:

@@ -48,7 +48,7 @@ class VLLMServer:
     def __init__(self, model: str | Path, *, port: int | None = None, max_logprobs: int = 20,
                  dtype: str = "float32", max_model_len: int | None = None, venv: Path | str | None = None,
                  log_path: Path | str | None = None, startup_timeout: float = 600.0, extra_args: list[str] = (),
-                 served_name: str = "teacher", env: dict[str, str] | None = None):
+                 served_name: str = "teacher", env: dict[str, str] | None = None, cpus: set[int] | None = None):
         self.model = str(model)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,6 +57,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/distill-vllm-{self.port}.log")
         self.startup_timeout = startup_timeout
         self.env = dict(env or {})
+        self.cpus = set(cpus) if cpus else None   # CPU cores the server and its processes may use (None: any)
         self.args = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                      "--max-logprobs", str(max_logprobs), "--dtype", dtype, "--served-model-name", served_name,
                      "--disable-log-stats", "--uvicorn-log-level", "warning"]
@@ -77,7 +78,7 @@ class VLLMServer:
         server = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *self.args]
         self.process = subprocess.Popen([sys.executable, "-m", "distill.students.process_guard", str(os.getpid()), "--",
                                          *server], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=self._pin if self.cpus else None)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -91,6 +92,10 @@ class VLLMServer:
             time.sleep(1.0)
         self.stop()
         raise ServerError(f"vLLM server not up after {self.startup_timeout:.0f} s: {self._log_tail()}")
+
+    def _pin(self) -> None:
+        """In the child before it runs: its cores (inherited by every process it starts)."""
+        os.sched_setaffinity(0, self.cpus)
 
     def stop(self) -> None:
         """Stop the server and everything it started (its process group), by PID."""

@@ -7,11 +7,14 @@ stopped when the stage ends, however it ends.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.common.errors import ConfigError
 from distill.config import Config
 from distill.distributed import Processes
 from distill.students.rollout_engine import VLLMRollouts, check_servable, weights_folder
@@ -36,9 +39,28 @@ def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, token
         return VLLMRollouts(student, tokenizer, run_dir, url=proc.share(None), **settings).start()
     folder = weights_folder(run_dir, name)
     cleanup.callback(shutil.rmtree, folder, True)
-    engine = VLLMRollouts(student, tokenizer, folder, **settings)
+    cores = split_cores(rollout.engine_cores, cleanup) if device == "cpu" else None
+    engine = VLLMRollouts(student, tokenizer, folder, cpus=cores, **settings)
     cleanup.callback(engine.stop)
     with full_weights(student) as whole:
         engine.start(whole)
     proc.share(engine.url)
     return engine
+
+
+def split_cores(engine_cores: list[int], cleanup: contextlib.ExitStack) -> set[int] | None:
+    """The engine's cores, taken from this process (and its torch threads) for the stage; given
+    back when `cleanup` closes. None: no split (both use every core)."""
+    if not engine_cores:
+        return None
+    mine = os.sched_getaffinity(0)
+    wanted = set(engine_cores)
+    if not wanted < mine:
+        raise ConfigError(f"rollout.engine_cores={sorted(wanted)} must be some, not all, of this process's cores "
+                          f"{sorted(mine)}")
+    threads = torch.get_num_threads()
+    os.sched_setaffinity(0, mine - wanted)
+    torch.set_num_threads(min(threads, len(mine - wanted)))
+    cleanup.callback(torch.set_num_threads, threads)
+    cleanup.callback(os.sched_setaffinity, 0, mine)
+    return wanted

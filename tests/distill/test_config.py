@@ -190,3 +190,19 @@ def test_memory_check_counts_activations_and_the_checkpointing_switch(tokenizer,
 def test_load_config_rejects_bad_override_syntax():
     with pytest.raises(ConfigError):
         load_config(["seed=="])
+
+
+def test_rollout_settings_are_checked_and_async_is_the_config_key():
+    """`rollout.async` (a Python keyword, held as `async_`) is set, shown and saved under its key."""
+    from distill.common.typed_config import as_dict
+
+    config = load_config(["rollout.engine=vllm", "rollout.async=true", "rollout.max_staleness=2"])
+    assert config.rollout.async_ is True and config.rollout.max_staleness == 2
+    assert as_dict(config)["rollout"]["async"] is True and "async_" not in as_dict(config)["rollout"]
+    for args, message in ((["rollout.async=true"], "rollout.engine=vllm"),
+                          (["rollout.engine_cores=[1]"], "rollout.engine=vllm"),
+                          (["rollout.engine=vllm", "rollout.is_cap=0.5"], "is_cap must be at least 1"),
+                          (["rollout.engine=vllm", "rollout.sync_every=0"], "rollout.sync_every must be positive"),
+                          (["rollout.async_=true"], "unknown config key 'rollout.async_'")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(args)
