@@ -51,8 +51,8 @@ def accuracies(run: Path) -> dict[str, float]:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
-            # eval/<mode>/<model>/accuracy
-            if key.startswith("eval/") and key.endswith("/accuracy"):
+            # eval/<mode>/<model>/pass@1
+            if key.startswith("eval/") and key.endswith("/pass@1"):
                 _, mode, model, _ = key.split("/")
                 out[f"{model}/{mode}"] = value
     return out
@@ -65,12 +65,17 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["in_process", "vllm"])
     parser.add_argument("--work", default="/tmp/engine_parity")
     parser.add_argument("--out", default="bench/results/engine_parity.jsonl")
+    parser.add_argument("--collect", action="store_true", help="only read the finished runs in --work again")
     parser.add_argument("overrides", nargs="*", help="more overrides for every run (e.g. cache_dir=...)")
     args = parser.parse_args()
     base, rows = Path(args.base), []
     for seed in args.seeds:
         for engine in args.engines:
             run = Path(args.work) / f"{engine}-seed{seed}"
+            if args.collect:
+                rows.append({"engine": engine, "seed": seed, **accuracies(run)})
+                print(json.dumps(rows[-1]))
+                continue
             prepare(base, run, engine, seed)
             started = time.perf_counter()
             command = [sys.executable, "-m", "distill", f"run_dir={run}", "resume=true", "logger=none",
