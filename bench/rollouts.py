@@ -69,9 +69,6 @@ class TimedBatches:
         self.calls += 1
         return micro
 
-    def state_dict(self):
-        return self.batches.state_dict()
-
 
 def student_architecture(size: str):
     hidden, layers = (int(x) for x in size.split("x"))

@@ -82,7 +82,6 @@ def test_two_processes_share_one_engine(tmp_path):
     server: the main rank syncs the weights, the other waits for the version at /weight_info."""
     import json
     import subprocess
-    import sys
 
     from test_distributed import LAUNCH
 
