@@ -15,6 +15,7 @@ from typing import Any, Literal
 from distill.common.errors import ConfigError
 from distill.common.tracking import WandbConfig
 from distill.common.typed_config import as_dict, build_dataclass, with_defaults
+from distill.eval.config import DraftConfig
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE, ArithmeticConfig
 from distill.students.presets import PRESETS, Architecture
 
@@ -209,6 +210,9 @@ class EvalConfig:
     samples: int = 1
     every: int = 0               # periodic eval every N optimizer steps of each student; 0 = off
     periodic_problems: int = 100  # from the validation split
+    # Each student as a speculative-decoding draft for the teacher, on the teacher's own sampled
+    # responses to `draft.problems` test prompts per mode (0: off); eval/speculative.py.
+    draft: DraftConfig = field(default_factory=DraftConfig)
 
 
 @dataclass
@@ -406,6 +410,11 @@ def _check_positive(config: Config) -> None:
         "pipeline.eval.samples": config.pipeline.eval.samples,
         "pipeline.eval.periodic_problems": config.pipeline.eval.periodic_problems,
         "pipeline.eval.every": config.pipeline.eval.every + 1,  # 0 means off
+        "pipeline.eval.draft.problems": config.pipeline.eval.draft.problems + 1,  # 0 means off
+        "pipeline.eval.draft.measure_prompts": config.pipeline.eval.draft.measure_prompts + 1,  # 0 means none
+        "pipeline.eval.draft.gamma": config.pipeline.eval.draft.gamma,
+        "pipeline.eval.draft.batch_size": config.pipeline.eval.draft.batch_size,
+        **{f"pipeline.eval.draft.gammas[{i}]": g for i, g in enumerate(config.pipeline.eval.draft.gammas)},
         "teacher.bootstrap.steps": config.teacher.bootstrap.steps,
         "loss.temperature": config.loss.temperature,
         "loss.chunk_bytes": config.loss.chunk_bytes + 1,  # 0 means the device's default

@@ -29,12 +29,13 @@ from distill.config import Config
 from distill.data import drop_long_prompts, load_chat_dataset
 from distill.distributed import Processes, processes
 from distill.eval.harness import ModeResult
+from distill.eval.speculative import DraftResult
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE
 from distill.parallel import check_available
 from distill.plots import loss_curves
 from distill.preflight import check_models, output_bytes, tokenizer_name
 from distill.run_folder import check_run_folder, clear_if_asked
-from distill.stages.evaluation import evaluate_models, validation_problems
+from distill.stages.evaluation import evaluate_drafts, evaluate_models, validation_problems
 from distill.stages.release import release_student
 from distill.stages.teacher import prepare_teacher, teacher_backend, teacher_source
 from distill.stages.teacher_outputs import fill_teacher_outputs, offpolicy_examples, outputs_dir
@@ -47,6 +48,7 @@ from distill.teachers.cache import weights_fingerprint
 class RunSummary:
     run_dir: Path
     results: dict[str, dict[str, ModeResult]] = field(default_factory=dict)
+    drafts: dict[str, dict[str, DraftResult]] = field(default_factory=dict)   # student -> mode -> as a draft
     releases: dict[str, Path] = field(default_factory=dict)
     teacher_reused: bool = False
     teacher_outputs: Path | None = None
@@ -138,10 +140,13 @@ def _run(cfg: Config, progress: bool, made: list[Path]) -> RunSummary:
                 # A teacher that lives only behind its server is evaluated by `python -m distill.eval` instead.
                 models = {**({"teacher": teacher.model} if teacher.model is not None else {}), **students}
                 summary.results = evaluate_models(cfg, models, tokenizer, dataset["test"], tracker, run_dir, progress)
+                if teacher.model is not None and students and cfg.pipeline.eval.draft.problems:
+                    summary.drafts = evaluate_drafts(cfg, teacher.model, students, tokenizer, dataset["test"], tracker,
+                                                     run_dir, progress)
         if "release" in stages:
             for name, student in students.items():
                 summary.releases[name] = release_student(cfg, name, student, tokenizer, teacher.name, summary.results,
-                                                         run_dir)
+                                                         run_dir, drafts=summary.drafts.get(name))
         write_run_files(run_dir, teacher.folder, summary.releases, tracker)
         summary.seconds["total"] = time.perf_counter() - started
         tracker.log({"perf/total_seconds": summary.seconds["total"]})

@@ -25,6 +25,7 @@ USAGE = """usage: python -m distill.eval models=[PATH_OR_HUB_NAME,...] [task=NAM
   python -m distill.eval models=[PATH] task=aime task.samples=64         the report's AIME protocol
   python -m distill.eval models=[PATH] budgets=[0,16,32,64]              thinking-budget sweep
   python -m distill.eval models=[PATH] backend.kind=vllm                 generate with a vLLM server
+  python -m distill.eval draft_for=runs/RUN models=[runs/RUN]           the students as speculative drafts for the teacher
   python -m distill.eval -m models=[PATH] task=arithmetic,gsm8k          a sweep: one eval per task
 
 tasks: {tasks}
@@ -50,7 +51,16 @@ def show(config: EvalRunConfig) -> str:
 
 def execute(config: EvalRunConfig) -> None:
     from distill.eval.harness import side_by_side
-    from distill.eval.run import run
+    from distill.eval.run import run, run_draft
+    from distill.eval.speculative import draft_table
+
+    if config.draft_for:
+        drafts = run_draft(config)
+        print(draft_table(drafts.results, drafts.target, config.draft.gamma))
+        print(f"report: {drafts.paths['markdown']}")
+        print(f"details: {drafts.paths['json']}")
+        print(f"wall time: {drafts.seconds['total']:.0f}s")
+        return
 
     summary = run(config)
     print(side_by_side(summary.results, config.baseline))

@@ -64,6 +64,19 @@ class BackendConfig:
 
 
 @dataclass
+class DraftConfig:
+    """Models as speculative-decoding drafts (eval/speculative.py): the target answers `problems`
+    prompts per mode with its own sampling, both models score those responses, and
+    `measure_prompts` prompts per mode are decoded for real with the draft proposing `gamma`."""
+
+    problems: int = 100                  # target responses per mode (0: no draft eval in the pipeline)
+    gammas: list[int] = field(default_factory=lambda: list(range(1, 9)))
+    gamma: int = 4                       # draft length of the measured decoding and the model card row
+    measure_prompts: int = 8             # prompts per mode decoded with and without the draft (0: none)
+    batch_size: int = 8                  # sequences per teacher-forced forward
+
+
+@dataclass
 class EvalRunConfig:
     # Models: local folders (a release folder, any save_pretrained folder), run directories of
     # `python -m distill` (their teacher and release folders), or hub names. "NAME:PATH" names one.
@@ -80,6 +93,12 @@ class EvalRunConfig:
     budget_answer_tokens: int = 64
     baseline: str | None = None          # the model deltas are taken against; null: the first
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # A model (folder, hub name or NAME:PATH): evaluate `models` as speculative-decoding drafts
+    # for it (acceptance, expected and measured tokens per target forward) instead of scoring them.
+    # Both models' logits are read in process; backend.kind=vllm adds measured greedy decoding
+    # through vLLM's draft-model speculator.
+    draft_for: str | None = None
+    draft: DraftConfig = field(default_factory=DraftConfig)
     out_dir: str | None = None           # default evals/<YYYYmmdd-HHMMSS>
     cache_dir: str | None = None         # the built-in task's data (default as python -m distill)
     trust_remote_code: bool = False
@@ -106,6 +125,9 @@ def validate(raw: dict) -> EvalRunConfig:
     checks = {"task.samples": config.task.samples or 1, "task.max_new_tokens": config.task.max_new_tokens or 1,
               "budget_answer_tokens": config.budget_answer_tokens, "backend.batch_size": config.backend.batch_size,
               "backend.concurrency": config.backend.concurrency}
+    checks |= {"draft.problems": config.draft.problems or 1, "draft.gamma": config.draft.gamma,
+               "draft.batch_size": config.draft.batch_size}
+    checks |= {f"draft.gammas[{i}]": g for i, g in enumerate(config.draft.gammas)}
     checks.update({f"pass_k[{i}]": k for i, k in enumerate(config.pass_k)})
     for key, value in checks.items():
         if value <= 0:
@@ -118,6 +140,11 @@ def validate(raw: dict) -> EvalRunConfig:
         if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
             raise ConfigError(f"sampling.{mode}: need temperature > 0, 0 < top_p <= 1, top_k >= 0 (greedy=true for "
                               "greedy decoding)")
+    if config.draft.measure_prompts < 0:
+        raise ConfigError(f"draft.measure_prompts must be >= 0, got {config.draft.measure_prompts}")
+    if config.draft_for and config.backend.url:
+        raise ConfigError("draft_for starts its own vLLM servers (the target alone, then with each draft): drop "
+                          "backend.url")
     if config.backend.url and config.backend.kind != "vllm":
         raise ConfigError("backend.url is for backend.kind=vllm (a running vLLM server)")
     return config

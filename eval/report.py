@@ -13,6 +13,7 @@ from distill.common.files import atomic_write_text
 from distill.common.tracking import Tracker
 from distill.eval.harness import ModeResult, markdown_table, side_by_side
 from distill.eval.plots import budget_curve, mode_comparison
+from distill.eval.speculative import DraftResult, draft_table, gamma_table
 
 TABLE_COLUMNS = ["model", "mode", "budget", "pass@1", "mean_thinking_tokens", "mean_answer_tokens", "truncated",
                  "format_errors", "wrong", "samples_per_problem", "problems"]
@@ -78,6 +79,32 @@ def write_eval_outputs(results: dict[str, dict[str, ModeResult]], out_dir: Path,
         tracker.log_image("eval/think_vs_no_think", paths["modes_png"])
         if budgets:
             tracker.log_image("eval/thinking_budget", paths["budget_png"])
+    return paths
+
+
+def render_draft_markdown(results: dict[str, dict[str, DraftResult]], *, target: str, gamma: int,
+                          protocol: str | None = None, level: int = 2) -> str:
+    """The draft report: acceptance and tokens per target forward at `gamma`, then every gamma."""
+    h = "#" * level
+    parts = [f"{h} As speculative-decoding drafts\n", f"{protocol}\n" if protocol else "",
+             draft_table(results, target, gamma), "", gamma_table(results)]
+    return "\n".join(p for p in parts if p is not None) + "\n"
+
+
+def write_draft_outputs(results: dict[str, dict[str, DraftResult]], out_dir: Path, tracker: Tracker | None = None, *,
+                        target: str, gamma: int, protocol: str | None = None, meta: dict | None = None,
+                        prefix: str = "draft") -> dict[str, Path]:
+    """`draft.json` and `draft.md` in `out_dir` (atomically), and `draft/<model>/<mode>/...` in the log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "draft.json", "markdown": out_dir / "draft.md"}
+    document = {"target": target, "drafts": {name: {mode: r.to_json() for mode, r in per.items()}
+                                             for name, per in results.items()}}
+    atomic_write_text(paths["json"], json.dumps({"meta": meta, **document} if meta else document, indent=1))
+    atomic_write_text(paths["markdown"], render_draft_markdown(results, target=target, gamma=gamma, protocol=protocol))
+    if tracker is not None:
+        for name, per in results.items():
+            for mode, r in per.items():
+                tracker.log(r.summary(prefix=f"{prefix}/{name}/{mode}/"))
     return paths
 
 

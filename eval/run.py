@@ -17,11 +17,23 @@ from distill.eval.backends import Backend, TransformersBackend, VLLMBackend
 from distill.eval.config import EvalRunConfig
 from distill.eval.harness import ModeResult, evaluate
 from distill.eval.models import ModelSpec, resolve_models
-from distill.eval.report import write_eval_outputs
+from distill.eval.report import write_draft_outputs, write_eval_outputs
+from distill.eval.speculative import DraftResult, draft_eval, measure_vllm
+from distill.students.chat import render_prompt
 from distill.eval.tasks import load_task
-from distill.students.vllm_server import VLLMServer
+from distill.students.rollout_engine import CPU_HEAD_SIZES
+from distill.students.vllm_server import VLLMServer, vllm_python
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DraftSummary:
+    out_dir: Path
+    target: str
+    results: dict[str, dict[str, DraftResult]] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +107,111 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
     return summary
 
 
+def run_draft(cfg: EvalRunConfig) -> DraftSummary:
+    """`draft_for=TARGET`: every model of `models` as a speculative-decoding draft for TARGET, on
+    the task's prompts in each mode (eval/speculative.py)."""
+    if not cfg.models:
+        raise ConfigError("draft_for needs drafts: set models=[PATH,...] (the models to try as drafts for the target)")
+    started = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    task = load_task(cfg.task.name)
+    source = cfg.task.resolved_source(task)
+    max_new_tokens = cfg.task.max_new_tokens or task.max_new_tokens
+    target_spec = draft_target(cfg.draft_for)
+    specs = [s for s in resolve_models(cfg.models) if s.path != target_spec.path]  # a run dir lists its teacher too
+    if not specs:
+        raise ConfigError(f"models: nothing to try as a draft besides the target '{cfg.draft_for}' itself")
+    if not cfg.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(cfg, target_spec)
+    for spec in specs:
+        if load_tokenizer(cfg, spec).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"models: '{spec.name}' does not share the tokenizer of the target '{target_spec.name}'; "
+                              "a draft must propose the target's own token ids")
+    problems = task.load(source, resolve_cache_dir(cfg.cache_dir))[:cfg.draft.problems]
+    if cfg.backend.kind == "vllm":
+        check_vllm_can_serve(cfg, [target_spec, *specs])
+    device = resolve_device(cfg.backend.device, key="backend.device")
+    target = load_model(cfg, target_spec).to(device)
+    drafts = {spec.name: load_model(cfg, spec).to(device) for spec in specs}
+    out_dir = prepare_output_dir(cfg.out_dir, key="out_dir", default_parent="evals")
+    summary = DraftSummary(out_dir=out_dir, target=target_spec.name)
+    tracker = Tracker(out_dir, logger=cfg.logger, config=asdict(cfg), wandb=cfg.wandb, run_name=f"draft-{out_dir.name}")
+    try:
+        summary.results = draft_eval(
+            target, drafts, tokenizer, problems, modes=cfg.modes, sampling=cfg.mode_sampling,
+            max_new_tokens=max_new_tokens, gammas=cfg.draft.gammas, gamma=cfg.draft.gamma,
+            measure_prompts=cfg.draft.measure_prompts, seed=cfg.seed, batch_size=cfg.draft.batch_size,
+            generate_batch_size=cfg.backend.batch_size, progress=cfg.progress)
+        if cfg.backend.kind == "vllm" and cfg.draft.measure_prompts:
+            prompt_sets = {mode: [render_prompt(tokenizer, p.messages, mode) for p in problems[:cfg.draft.measure_prompts]]
+                           for mode in cfg.modes}
+            measured = measure_vllm(target_spec.path, {s.name: s.path for s in specs}, tokenizer, prompt_sets,
+                                    gamma=cfg.draft.gamma, max_new_tokens=max_new_tokens,
+                                    max_model_len=cfg.backend.max_model_len, log_dir=out_dir, progress=cfg.progress)
+            for name, per_mode in measured.items():
+                for mode, result in per_mode.items():
+                    summary.results[name][mode].measured_vllm = result
+        decoding = "greedy decoding" if cfg.greedy else "per-mode sampling " + ", ".join(
+            f"{mode} {cfg.mode_sampling(mode).describe()}" for mode in cfg.modes)
+        protocol = (f"Task `{task.name}`: the target's own responses to {len(problems)} prompts per mode ({decoding}, "
+                    f"at most {max_new_tokens} new tokens), read by both models; measured decoding on the first "
+                    f"{cfg.draft.measure_prompts} prompts per mode, γ={cfg.draft.gamma}, batch 1, transformers "
+                    f"assisted generation on {device.type}"
+                    + (" and, greedy, vLLM's draft-model speculator." if cfg.backend.kind == "vllm" else "."))
+        summary.paths = write_draft_outputs(summary.results, out_dir, tracker, target=target_spec.name,
+                                            gamma=cfg.draft.gamma, protocol=protocol,
+                                            meta={"task": task.name, "target": target_spec.path,
+                                                  "drafts": {s.name: s.path for s in specs}, "config": asdict(cfg)})
+        summary.seconds["total"] = time.perf_counter() - started
+    finally:
+        tracker.finish()
+    return summary
+
+
+def check_vllm_can_serve(cfg: EvalRunConfig, specs: list[ModelSpec]) -> None:
+    """One line, before any server starts, when vLLM is missing or cannot serve one of the models."""
+    from transformers import AutoConfig
+
+    vllm_python()
+    if torch.cuda.is_available():
+        return
+    for spec in specs:
+        name = spec.name
+        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=cfg.trust_remote_code)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if head_dim not in CPU_HEAD_SIZES:
+            raise ConfigError(f"models: vLLM's CPU attention has no head_dim {head_dim} ('{name}'; it has "
+                              f"{', '.join(map(str, CPU_HEAD_SIZES))}): measure with backend.kind=transformers")
+
+
+def draft_target(item: str) -> ModelSpec:
+    """The one model `draft_for` names; a run directory names its teacher."""
+    specs = resolve_models([item])
+    if len(specs) > 1:
+        specs = [s for s in specs if s.name.split("/")[-1] == "teacher"]
+    if len(specs) != 1:
+        raise ConfigError(f"draft_for: '{item}' is not one model: give a model folder, a hub name, or a run directory "
+                          "with a teacher")
+    return specs[0]
+
+
+def load_model(cfg: EvalRunConfig, spec: ModelSpec):
+    """The model behind `spec` in process, in eval mode, in `backend.dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[cfg.backend.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model '{spec.path}' ({first_line(error, 200)}): give a local folder saved by "
+                        "save_pretrained, or a hub name with network access") from None
+    return model.eval()
+
+
 def load_tokenizer(cfg: EvalRunConfig, spec: ModelSpec):
     """The model's own tokenizer: each model is prompted with its own chat template."""
     from transformers import AutoTokenizer
@@ -108,8 +225,6 @@ def load_tokenizer(cfg: EvalRunConfig, spec: ModelSpec):
 
 def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
     """The model behind `spec`, ready to generate."""
-    from transformers import AutoModelForCausalLM
-
     if cfg.backend.kind == "vllm":
         if cfg.backend.url:
             return VLLMBackend(cfg.backend.url, tokenizer, name=spec.name, concurrency=cfg.backend.concurrency,
@@ -122,12 +237,6 @@ def open_backend(cfg: EvalRunConfig, spec: ModelSpec, tokenizer) -> Backend:
             server.stop()
             raise
     device = resolve_device(cfg.backend.device, key="backend.device")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=DTYPES[cfg.backend.dtype],
-                                                     trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model '{spec.path}' ({first_line(error, 200)}): give a local folder saved by "
-                        "save_pretrained, or a hub name with network access") from None
-    return TransformersBackend(model.to(device).eval(), tokenizer, name=spec.name,
+    return TransformersBackend(load_model(cfg, spec).to(device), tokenizer, name=spec.name,
                                batch_size=cfg.backend.batch_size, progress=cfg.progress)
 

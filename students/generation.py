@@ -119,9 +119,17 @@ def _next_token(logits: torch.Tensor, sampling: Sampling | None, generator: torc
     """[B, V] float32 logits -> [B] token ids: argmax, or a draw after temperature, top-k, top-p."""
     if sampling is None:
         return logits.argmax(-1)
+    return torch.multinomial(decoding_logits(logits, sampling).softmax(-1), 1, generator=generator)[:, 0]
+
+
+def decoding_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """[..., V] float32 logits -> the logits tokens are drawn from: divided by the temperature,
+    then everything outside the top-k and then outside the top-p nucleus set to -inf (the order
+    transformers' warpers use). Its softmax is the distribution the sampler draws from; the draft
+    metrics (eval/acceptance.py) compare two models through this same function."""
     logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, indices = logits.sort(dim=-1, descending=True)
@@ -130,4 +138,4 @@ def _next_token(logits: torch.Tensor, sampling: Sampling | None, generator: torc
         drop = probs.cumsum(-1) - probs >= sampling.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return logits

@@ -48,7 +48,8 @@ class VLLMServer:
     def __init__(self, model: str | Path, *, port: int | None = None, max_logprobs: int = 20,
                  dtype: str = "float32", max_model_len: int | None = None, venv: Path | str | None = None,
                  log_path: Path | str | None = None, startup_timeout: float = 600.0, extra_args: list[str] = (),
-                 served_name: str = "teacher", env: dict[str, str] | None = None, cpus: set[int] | None = None):
+                 served_name: str = "teacher", env: dict[str, str] | None = None, cpus: set[int] | None = None,
+                 log_stats: bool = False):
         self.model = str(model)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,7 +61,9 @@ class VLLMServer:
         self.cpus = set(cpus) if cpus else None   # CPU cores the server and its processes may use (None: any)
         self.args = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                      "--max-logprobs", str(max_logprobs), "--dtype", dtype, "--served-model-name", served_name,
-                     "--disable-log-stats", "--uvicorn-log-level", "warning"]
+                     "--uvicorn-log-level", "warning"]
+        if not log_stats:   # with them, /metrics counts (e.g. speculative decoding's accepted tokens)
+            self.args.append("--disable-log-stats")
         if max_model_len:
             self.args += ["--max-model-len", str(max_model_len)]
         self.args += list(extra_args)

@@ -3,6 +3,7 @@ distillation of a dense and a MoE student, eval in both modes, release folders, 
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,11 +45,31 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
             assert again[model][mode]["pass@1"] == result.accuracy
             assert [s["response"] for s in again[model][mode]["samples"]] == [s["response"] for s in result.samples]
 
+    # each student as a speculative-decoding draft for the teacher, both modes; `python -m eval
+    # draft_for=` on the run directory (all 40 test problems, as the pipeline) reproduces its acceptance exactly
+    assert set(summary.drafts) == {"dense", "moe"}
+    for per_mode in summary.drafts.values():
+        assert set(per_mode) == {"think", "no_think"}
+        for result in per_mode.values():
+            assert 0.0 < result.alpha <= 1.0 and 0.0 <= result.greedy_agreement <= 1.0
+            assert 1.0 <= result.tokens_per_forward[4] <= 5.0 and result.measured.prompts == 8
+    assert "As drafts for `teacher`" in (run_dir / "draft.md").read_text()
+    assert eval_main([f"draft_for={run_dir}", f"models=[{run_dir}]", f"task.source.path={test_split}",
+                      "draft.problems=40", "task.max_new_tokens=48", "draft.measure_prompts=0",
+                      f"out_dir={tmp_path / 'draft'}", "logger=none", "progress=false"]) == 0
+    drafts = json.loads((tmp_path / "draft" / "draft.json").read_text())["drafts"]
+    assert set(drafts) == {"dense", "moe"}
+    for model, per_mode in summary.drafts.items():
+        for mode, result in per_mode.items():
+            assert drafts[model][mode]["alpha"] == pytest.approx(result.alpha, abs=1e-6)
+
     # the project's own metrics, grouped by prefix; the MoE student's balancing loss is logged
     records = read_metrics(run_dir)
     keys = {k for r in records for k in r}
     for expected in ("teacher/bootstrap/ce", "train/dense/kd_loss", "train/moe/kd_loss", "moe/", "perf/dense/tokens_per_s",
-                     "eval/think/teacher/pass@1", "eval/no_think/moe/mean_answer_tokens", "teacher/think/truncated"):
+                     "eval/think/teacher/pass@1", "eval/no_think/moe/mean_answer_tokens", "teacher/think/truncated",
+                     "draft/dense/think/alpha", "draft/moe/no_think/measured/speedup",
+                     "draft/moe/think/tokens_per_forward/gamma4"):
         assert any(k.startswith(expected) or k == expected for k in keys), expected
     assert "moe/moe/aux_loss" in keys and "moe/teacher/aux_loss" in keys
     assert "moe/dense/aux_loss" not in keys
@@ -79,6 +100,8 @@ def test_default_pipeline_end_to_end(tiny_run_overrides, tmp_path, capsys):
         card = (folder / "README.md").read_text()
         assert f"| {name} | think |" in card and "| teacher | no_think |" in card and "top-p 0.8" in card
         assert "off-policy distillation" in card and "on-policy distillation" in card and "reverse_kl" in card
+        assert "## As a speculative-decoding draft" in card and f"| {name} | no_think |" in card
+        assert f"alpha {summary.drafts[name]['think'].alpha:.3f} / {summary.drafts[name]['no_think'].alpha:.3f}" in card
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert model.config.model_type == ("qwen3_moe" if name == "moe" else "qwen3")

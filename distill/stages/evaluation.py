@@ -17,7 +17,8 @@ from distill.common.tracking import Tracker
 from distill.config import Config, EvalConfig
 from distill.eval.backends import TransformersBackend
 from distill.eval.harness import ModeResult, Scorer, evaluate
-from distill.eval.report import write_eval_outputs
+from distill.eval.report import write_draft_outputs, write_eval_outputs
+from distill.eval.speculative import DraftResult, draft_eval
 from distill.eval.tasks import Problem, default_score
 from distill.eval.tasks.arithmetic import BUILTIN_SOURCE
 from distill.eval.tasks.arithmetic import score as arithmetic_score
@@ -62,6 +63,33 @@ def evaluate_models(cfg: Config, models: dict[str, PreTrainedModel], tokenizer: 
             tracker.log({f"eval/{mode}/{name}/{k}": v for k, v in result.summary().items()})
     write_eval_outputs(results, run_dir, tracker, baseline="teacher", protocol=eval_protocol(cfg))
     return results
+
+
+def evaluate_drafts(cfg: Config, teacher: PreTrainedModel, students: dict[str, PreTrainedModel],
+                    tokenizer: PreTrainedTokenizerBase, test_split: datasets.Dataset, tracker: Tracker, run_dir: Path,
+                    progress: bool) -> dict[str, dict[str, DraftResult]]:
+    """Every student as a speculative-decoding draft for the teacher, on the teacher's own
+    responses with Qwen3's per-mode sampling (how the teacher would be served; greedy agreement
+    is reported beside it). `draft.md` and `draft.json` go into `run_dir`, the numbers into the log."""
+    draft = cfg.pipeline.eval.draft
+    problems = eval_problems(test_split.select(range(min(draft.problems, len(test_split)))))
+    results = draft_eval(teacher, students, tokenizer, problems, modes=cfg.pipeline.eval.modes,
+                         sampling=lambda mode: MODE_SAMPLING[mode], max_new_tokens=cfg.pipeline.eval.max_new_tokens,
+                         gammas=draft.gammas, gamma=draft.gamma, measure_prompts=draft.measure_prompts, seed=cfg.seed,
+                         batch_size=draft.batch_size, generate_batch_size=cfg.pipeline.eval.batch_size,
+                         progress=progress)
+    write_draft_outputs(results, run_dir, tracker, target="teacher", gamma=draft.gamma, protocol=draft_protocol(cfg))
+    return results
+
+
+def draft_protocol(cfg: Config) -> str:
+    """One sentence saying how the draft numbers were made (draft.md and model cards)."""
+    draft = cfg.pipeline.eval.draft
+    return (f"The teacher's own responses to {draft.problems} test prompts per mode (Qwen3's per-mode sampling, at "
+            f"most {cfg.pipeline.eval.max_new_tokens} new tokens), read by teacher and student; alpha = Σ min(p, q) "
+            f"over both models' sampling distributions (the same temperature, top-k and top-p applied to each). "
+            f"Measured: transformers assisted generation on {draft.measure_prompts} prompts per mode, γ={draft.gamma}, "
+            "batch 1, against the teacher alone on the same prompts and seeds.")
 
 
 def validation_problems(cfg: Config, split: datasets.Dataset | None) -> list[Problem] | None:

@@ -20,7 +20,8 @@ from distill.config import Config, LossConfig
 from distill.eval.harness import ModeResult
 from distill.eval.report import render_markdown
 from distill.losses.token_loss import PARAMETER
-from distill.stages.evaluation import eval_protocol
+from distill.eval.speculative import DraftResult, card_line, draft_table
+from distill.stages.evaluation import draft_protocol, eval_protocol
 from distill.students.build import count_parameters
 from distill.students.chat import MODE_SAMPLING
 
@@ -28,10 +29,15 @@ CHECKSUMS = "SHA256SUMS"
 
 
 def release_student(cfg: Config, name: str, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    teacher_name: str, results: dict[str, dict[str, ModeResult]], run_dir: Path) -> Path:
-    """`<run_dir>/release/<name>/`, its card showing the teacher's and this student's eval rows."""
+                    teacher_name: str, results: dict[str, dict[str, ModeResult]], run_dir: Path,
+                    drafts: dict[str, DraftResult] | None = None) -> Path:
+    """`<run_dir>/release/<name>/`, its card showing the teacher's and this student's eval rows,
+    and this student's numbers as a speculative-decoding draft for the teacher."""
     shown = {k: v for k, v in results.items() if k in ("teacher", name)}
+    gamma = cfg.pipeline.eval.draft.gamma
     card = model_card(
+        draft=f"{card_line(drafts, teacher_name, gamma)}\n\n{draft_protocol(cfg)}\n\n"
+              f"{draft_table({name: drafts}, teacher_name, gamma)}" if drafts else None,
         name=f"distill-{name}", preset=cfg.students[name].preset, parameters=count_parameters(student).total,
         teacher=teacher_name, recipe=recipe_lines(cfg, name),
         eval_table=render_markdown(shown, baseline="teacher", level=3, protocol=eval_protocol(cfg))
@@ -141,8 +147,10 @@ def _replace_directory(staging: Path, destination: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(*, name: str, preset: str, parameters: int, teacher: str, recipe: list[str], eval_table: str) -> str:
+def model_card(*, name: str, preset: str, parameters: int, teacher: str, recipe: list[str], eval_table: str,
+               draft: str | None = None) -> str:
     think, no_think = MODE_SAMPLING["think"], MODE_SAMPLING["no_think"]
+    draft_section = f"\n## As a speculative-decoding draft\n{draft}\n" if draft else ""
     recipe_lines = "\n".join(f"- {line}" for line in recipe)
     return f"""---
 library_name: transformers
@@ -170,7 +178,7 @@ Thinking mode is the default of the chat template (`enable_thinking=True`); pass
 
 ## Evaluation
 {eval_table}
-
+{draft_section}
 ## Recipe
 {recipe_lines}
 

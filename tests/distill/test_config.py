@@ -206,3 +206,14 @@ def test_rollout_settings_are_checked_and_async_is_the_config_key():
                           (["rollout.async_=true"], "unknown config key 'rollout.async_'")):
         with pytest.raises(ConfigError, match=message):
             load_config(args)
+
+
+def test_draft_eval_settings_are_checked():
+    """The eval stage's draft settings: 0 problems turns it off, the rest must be positive."""
+    config = load_config(["pipeline.eval.draft.problems=0", "pipeline.eval.draft.measure_prompts=0"])
+    assert config.pipeline.eval.draft.problems == 0 and config.pipeline.eval.draft.gamma == 4
+    for args, message in ((["pipeline.eval.draft.gamma=0"], "pipeline.eval.draft.gamma must be positive"),
+                          (["pipeline.eval.draft.problems=-1"], "pipeline.eval.draft.problems must be positive"),
+                          (["pipeline.eval.draft.gammas=[1,x]"], "pipeline.eval.draft.gammas")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(args)
