@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--student", default="dense", choices=["dense", "moe"])
     parser.add_argument("--updates", type=int, default=0, help="off-policy updates (0: the default recipe's)")
-    parser.add_argument("--outputs", required=True, help="a run folder whose teacher_outputs/ to train from")
+    parser.add_argument("--outputs", help="a run folder whose teacher_outputs/ to train from")
     parser.add_argument("--problems", type=int, default=500, help="test problems for pass@1")
     parser.add_argument("--draft-problems", type=int, default=100, help="of which the teacher answers for alpha")
     parser.add_argument("--measure-prompts", type=int, default=8, help="prompts decoded with the draft, per mode")
@@ -125,6 +125,8 @@ def main() -> None:
     if args.table:
         print(table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
         return
+    if not args.outputs:
+        parser.error("--outputs RUN_DIR is needed: the run folder whose teacher_outputs/ the students learn from")
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     jobs = [(loss, seed) for seed in args.seeds for loss in args.losses]
