@@ -82,6 +82,10 @@ def write_eval_outputs(results: dict[str, dict[str, ModeResult]], out_dir: Path,
     return paths
 
 
+DRAFT_COLUMNS = ["draft", "mode", "alpha", "greedy_agreement", "tokens_per_forward_iid", "tokens_per_forward",
+                 "measured_tokens_per_forward", "measured_speedup"]
+
+
 def render_draft_markdown(results: dict[str, dict[str, DraftResult]], *, target: str, gamma: int,
                           protocol: str | None = None, level: int = 2) -> str:
     """The draft report: acceptance and tokens per target forward at `gamma`, then every gamma."""
@@ -105,6 +109,10 @@ def write_draft_outputs(results: dict[str, dict[str, DraftResult]], out_dir: Pat
         for name, per in results.items():
             for mode, r in per.items():
                 tracker.log(r.summary(prefix=f"{prefix}/{name}/{mode}/"))
+        rows = [[name, mode, r.alpha, r.greedy_agreement, r.tokens_per_forward_iid.get(gamma),
+                 r.tokens_per_forward.get(gamma), r.measured.tokens_per_forward if r.measured else None,
+                 r.measured.speedup if r.measured else None] for name, per in results.items() for mode, r in per.items()]
+        tracker.log_table(f"{prefix}/table", DRAFT_COLUMNS, rows)
     return paths
 
 

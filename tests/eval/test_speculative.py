@@ -104,7 +104,9 @@ def models():
 
 def test_a_draft_equal_to_its_target_has_every_token_accepted(models, tokenizer):
     target, _ = models
-    same = copy.deepcopy(target)
+    target, same = copy.deepcopy(target), copy.deepcopy(target)
+    for model in (target, same):   # generation configs as release folders ship them: the eval's settings win
+        model.generation_config.update(do_sample=True, temperature=1.7, top_p=0.5, top_k=3)
     results = draft_eval(target, {"self": same}, tokenizer, PROBLEMS, modes=["think", "no_think"],
                          sampling=lambda mode: MODE_SAMPLING[mode], max_new_tokens=14, gammas=[1, 4], gamma=4,
                          measure_prompts=3, progress=False)
@@ -193,6 +195,8 @@ def test_draft_for_on_the_command_line(saved, tmp_path, capsys):
     assert report["drafts"]["draft"]["think"]["responses"] == 3
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("draft/draft/no_think/measured/speedup" in r for r in records)
+    table = next(r for r in records if r.get("table") == "draft/table")
+    assert [row[:2] for row in table["rows"]] == [["draft", "think"], ["draft", "no_think"]]
     assert "γ=4" in (out / "draft.md").read_text()
 
 
