@@ -20,8 +20,8 @@ from distill.eval.models import ModelSpec, resolve_models
 from distill.eval.report import write_draft_outputs, write_eval_outputs
 from distill.eval.speculative import DraftResult, draft_eval, measure_vllm
 from distill.students.chat import render_prompt
-from distill.eval.tasks import load_task
-from distill.students.rollout_engine import CPU_HEAD_SIZES
+from distill.eval.tasks import Source, Task, load_task
+from distill.students.rollout_engine import check_servable
 from distill.students.vllm_server import VLLMServer, vllm_python
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,16 +50,8 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
         raise ConfigError("no models to evaluate: set models=[PATH_OR_HUB_NAME,...] (release folders, run "
                           "directories, save_pretrained folders or hub names; NAME:PATH to name one)")
     started = time.perf_counter()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if not cfg.progress:
-        import datasets
-
-        datasets.disable_progress_bars()
-    task = load_task(cfg.task.name)
-    source = cfg.task.resolved_source(task)
+    task, source, max_new_tokens = prepare_task(cfg)
     samples = cfg.task.samples or task.samples
-    max_new_tokens = cfg.task.max_new_tokens or task.max_new_tokens
     specs = resolve_models(cfg.models)
     if cfg.backend.url and len(specs) > 1:
         raise ConfigError("backend.url serves one model, but models lists several: drop backend.url and a server is "
@@ -107,25 +99,30 @@ def run(cfg: EvalRunConfig) -> EvalSummary:
     return summary
 
 
+def prepare_task(cfg: EvalRunConfig) -> tuple[Task, Source, int]:
+    """The process's threads and progress bars as configured; the task, its data source and its
+    token limit with the config's overrides applied."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    task = load_task(cfg.task.name)
+    return task, cfg.task.resolved_source(task), cfg.task.max_new_tokens or task.max_new_tokens
+
+
 def run_draft(cfg: EvalRunConfig) -> DraftSummary:
     """`draft_for=TARGET`: every model of `models` as a speculative-decoding draft for TARGET, on
     the task's prompts in each mode (eval/speculative.py)."""
     if not cfg.models:
         raise ConfigError("draft_for needs drafts: set models=[PATH,...] (the models to try as drafts for the target)")
     started = time.perf_counter()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    task = load_task(cfg.task.name)
-    source = cfg.task.resolved_source(task)
-    max_new_tokens = cfg.task.max_new_tokens or task.max_new_tokens
+    task, source, max_new_tokens = prepare_task(cfg)
     target_spec = draft_target(cfg.draft_for)
     specs = [s for s in resolve_models(cfg.models) if s.path != target_spec.path]  # a run dir lists its teacher too
     if not specs:
         raise ConfigError(f"models: nothing to try as a draft besides the target '{cfg.draft_for}' itself")
-    if not cfg.progress:
-        import datasets
-
-        datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg, target_spec)
     for spec in specs:
         if load_tokenizer(cfg, spec).get_vocab() != tokenizer.get_vocab():
@@ -177,15 +174,10 @@ def check_vllm_can_serve(cfg: EvalRunConfig, specs: list[ModelSpec]) -> None:
     from transformers import AutoConfig
 
     vllm_python()
-    if torch.cuda.is_available():
-        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for spec in specs:
-        name = spec.name
         config = AutoConfig.from_pretrained(spec.path, trust_remote_code=cfg.trust_remote_code)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if head_dim not in CPU_HEAD_SIZES:
-            raise ConfigError(f"models: vLLM's CPU attention has no head_dim {head_dim} ('{name}'; it has "
-                              f"{', '.join(map(str, CPU_HEAD_SIZES))}): measure with backend.kind=transformers")
+        check_servable(config, device, name=spec.name, remedy="measure with backend.kind=transformers")
 
 
 def draft_target(item: str) -> ModelSpec:

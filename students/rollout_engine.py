@@ -46,13 +46,17 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_servable(config, device: str) -> None:
-    """One clear line for a student vLLM cannot serve on this device, before anything starts."""
+STUDENT_REMEDY = "give the student a head_dim it has (architecture.head_dim=32), or set rollout.engine=in_process"
+
+
+def check_servable(config, device: str, *, name: str | None = None, remedy: str = STUDENT_REMEDY) -> None:
+    """One clear line for a model (`name`, when given) vLLM cannot serve on this device, before
+    anything starts; `remedy` says what to do instead."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if device == "cpu" and head_dim not in CPU_HEAD_SIZES:
-        raise ServerError(f"vLLM's CPU attention has no head_dim {head_dim} (it has {', '.join(map(str, CPU_HEAD_SIZES))}):"
-                          " give the student a head_dim it has (architecture.head_dim=32), or set "
-                          "rollout.engine=in_process")
+        which = f"'{name}'; " if name else ""
+        raise ServerError(f"vLLM's CPU attention has no head_dim {head_dim} ({which}it has "
+                          f"{', '.join(map(str, CPU_HEAD_SIZES))}): {remedy}")
 
 
 def weights_folder(run_dir: Path, name: str) -> Path:
