@@ -29,8 +29,11 @@ ARMS = ("sft", "offpolicy", "recipe")
 
 
 def setting_overrides(args) -> list[str]:
-    """The student of the experiment (a `moe` student, the only one) and the stages' settings."""
-    return ["logger=none", "threads=1", "~students.dense", f"students.moe.architecture.hidden_size={args.width}",
+    """The student of the experiment (a `moe` student, the only one: from random init at lr 4e-3,
+    the default MoE student of the runs below before it started from the teacher's attention)
+    and the stages' settings."""
+    return ["logger=none", "threads=1", "~students.dense", "students.moe.init=random", "students.moe.lr=4e-3",
+            f"students.moe.architecture.hidden_size={args.width}",
             f"students.moe.architecture.moe_intermediate_size={args.width}",
             f"students.moe.architecture.num_hidden_layers={args.layers}",
             f"pipeline.offpolicy.prompts={args.prompts}", f"pipeline.onpolicy.prompts={args.onpolicy_prompts}",

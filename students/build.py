@@ -160,6 +160,12 @@ def check_teacher_init(s_cfg, t_cfg, *, layers: list[int], experts: list[int] | 
                 f"student {name}={getattr(s_cfg, name)} but teacher {name}={getattr(t_cfg, name)}: "
                 "to start from the teacher's blocks these must match (use init=random, or override the student's size)"
             )
+    if experts == []:
+        # `teacher_experts: []` takes no experts, from a MoE or a dense teacher: the student's MoE
+        # blocks (any number and width of experts) keep their init, as a dense student's MLPs do.
+        if not s_moe:
+            raise TeacherInitError("teacher_experts applies only to a MoE student")
+        return False, None
     if s_moe and t_moe:
         experts = list(range(s_cfg.num_experts)) if experts is None else experts
         if len(experts) != s_cfg.num_experts or any(not 0 <= e < t_cfg.num_experts for e in experts):
@@ -168,7 +174,8 @@ def check_teacher_init(s_cfg, t_cfg, *, layers: list[int], experts: list[int] | 
             )
         if s_cfg.moe_intermediate_size != t_cfg.moe_intermediate_size:
             raise TeacherInitError(
-                f"student moe_intermediate_size={s_cfg.moe_intermediate_size} but teacher's is {t_cfg.moe_intermediate_size}"
+                f"student moe_intermediate_size={s_cfg.moe_intermediate_size} but teacher's is "
+                f"{t_cfg.moe_intermediate_size}: set teacher_experts=[] to take no experts (the student's stay new)"
             )
     elif s_moe == t_moe and s_cfg.intermediate_size != t_cfg.intermediate_size:
         raise TeacherInitError(
@@ -188,7 +195,8 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, *,
 
     Student layer i takes teacher layer `layers[i]`. A MoE student from a MoE teacher also takes
     the chosen `experts` (their router rows and fused expert weights), in order. A dense student
-    from a MoE teacher takes the attention, norms and embeddings; its MLPs stay as initialised.
+    from a MoE teacher, or a MoE student given `experts=[]`, takes the attention, norms and
+    embeddings; its MLPs stay as initialised.
     Anything that cannot be taken raises `TeacherInitError` naming it.
     """
     share_mlp, experts = check_teacher_init(student.config, teacher.config, layers=layers, experts=experts)

@@ -57,7 +57,7 @@ def test_a_folder_that_holds_no_model(tmp_path, capsys):
 def _own_data(tmp_path, tokenizer, tiny_model, source):
     teacher = tiny_model(tmp_path / "teacher", tokenizer)
     return ["data=messages", f"data.source={source}", "data.tokenizer=builtin", "teacher=transformers",
-            f"teacher.model={teacher}", "students.dense.init=random"]
+            f"teacher.model={teacher}", "students.dense.init=random", "students.moe.init=random"]
 
 
 def test_dataset_without_the_messages_column(tmp_path, capsys, tokenizer, tiny_model):

@@ -24,9 +24,10 @@ from conftest import TINY_RUN, needs_vllm
 
 pytestmark = needs_vllm
 
-# The test run's teacher and dense student at head_dim 32 (the shrunken run's 16 is not served).
+# The test run's teacher and students at head_dim 32 (the shrunken run's 16 is not served).
 SERVABLE_RUN = [o for o in TINY_RUN if o not in ("+teacher.overrides.head_dim=16",
-                                                 "students.dense.architecture.head_dim=16")]
+                                                 "students.dense.architecture.head_dim=16",
+                                                 "students.moe.architecture.head_dim=16")]
 
 
 def _engines_alive() -> list[str]:

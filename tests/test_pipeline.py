@@ -177,7 +177,7 @@ def test_an_8bit_teacher_fills_the_teacher_outputs(tiny_run_overrides, tmp_path)
     build_tokenizer().save_pretrained(teacher_dir)
     overrides = [o for o in tiny_run_overrides if not o.startswith(("teacher.", "+teacher."))] + [
         "teacher=transformers", f"teacher.model={teacher_dir}", "teacher.dtype=float32", "teacher.quantization=8bit",
-        "students.dense.init=random", "pipeline.stages=[teacher,teacher_outputs]", "pipeline.offpolicy.prompts=8"]
+        "students.dense.init=random", "students.moe.init=random", "pipeline.stages=[teacher,teacher_outputs]", "pipeline.offpolicy.prompts=8"]
     config = load_config(overrides)
     summary = run(config, progress=False)
     manifest = json.loads((summary.teacher_outputs / "manifest.json").read_text())

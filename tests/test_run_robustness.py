@@ -30,7 +30,7 @@ def test_the_readme_custom_data_command_trains_from_one_jsonl_file(tmp_path, tok
     source = _write(tmp_path / "data.jsonl", _chat_rows(300))
     teacher = tiny_model(tmp_path / "teacher", tokenizer)
     code = _run(["data=messages", f"data.source={source}", "data.tokenizer=builtin", "teacher=transformers",
-                 f"teacher.model={teacher}", "students.dense.init=random", "pipeline.offpolicy.prompts=120",
+                 f"teacher.model={teacher}", "students.dense.init=random", "students.moe.init=random", "pipeline.offpolicy.prompts=120",
                  "pipeline.onpolicy.prompts=60", "pipeline.eval.every=6", "pipeline.eval.periodic_problems=4"],
                 tmp_path)
     assert code == 0, capsys.readouterr().err

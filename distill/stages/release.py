@@ -56,7 +56,8 @@ def recipe_lines(cfg: Config, name: str) -> list[str]:
     stages, student_cfg = cfg.pipeline.stages, cfg.students[name]
     lines = [f"student init: {student_cfg.init}" + (
         f" (teacher layers {student_cfg.teacher_layers}"
-        f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''})"
+        f"{', experts ' + str(student_cfg.teacher_experts) if student_cfg.teacher_experts else ''}"
+        f"{'; its experts new' if student_cfg.teacher_experts == [] else ''})"
         if student_cfg.init == "teacher" else "")]
     if "offpolicy" in stages:
         off = cfg.pipeline.offpolicy

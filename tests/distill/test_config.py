@@ -17,7 +17,7 @@ from distill.students.presets import PRESETS
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                  for group in ("teacher", "data", "loss", "pipeline", "parallel")}
 REQUIRED = {"teacher=transformers": ["teacher.model=some/model"], "data=messages": ["data.source=x.jsonl"],
-            "teacher=vllm": ["teacher.model=some/model", "students.dense.init=random"]}
+            "teacher=vllm": ["teacher.model=some/model", "students.dense.init=random", "students.moe.init=random"]}
 
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g, options in GROUP_OPTIONS.items() for o in options])

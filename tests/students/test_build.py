@@ -56,6 +56,25 @@ def test_dense_student_of_a_moe_teacher_takes_attention_and_keeps_its_mlp():
     torch.testing.assert_close(s["model.layers.0.mlp.up_proj.weight"], mlp_before)
 
 
+def test_moe_student_given_no_teacher_experts_takes_attention_and_keeps_its_own_experts():
+    # The embedded default's MoE student: the teacher's width, fewer and narrower experts.
+    teacher = build_random(get_preset("tiny-moe"), seed=5)
+    student = build_random(get_preset("tiny-moe").override(num_experts=4, moe_intermediate_size=64), seed=6)
+    experts_before = student.state_dict()["model.layers.2.mlp.experts.down_proj"].clone()
+    router_before = student.state_dict()["model.layers.2.mlp.gate.weight"].clone()
+    init_from_teacher(student, teacher, layers=[0, 1, 2, 3], experts=[])
+    s, t = student.state_dict(), teacher.state_dict()
+    torch.testing.assert_close(s["model.layers.2.self_attn.v_proj.weight"], t["model.layers.2.self_attn.v_proj.weight"])
+    torch.testing.assert_close(s["model.layers.2.post_attention_layernorm.weight"],
+                               t["model.layers.2.post_attention_layernorm.weight"])
+    torch.testing.assert_close(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    torch.testing.assert_close(s["model.layers.2.mlp.experts.down_proj"], experts_before)
+    torch.testing.assert_close(s["model.layers.2.mlp.gate.weight"], router_before)
+    # Without experts=[] the narrower experts cannot be taken, and the refusal says so.
+    with pytest.raises(TeacherInitError, match="moe_intermediate_size"):
+        init_from_teacher(student, teacher, layers=[0, 1, 2, 3])
+
+
 @pytest.mark.parametrize("student_preset, overrides, layers, experts, message", [
     ("tiny", {"hidden_size": 64, "head_dim": 16}, [0, 1, 2, 3], None, "hidden_size"),
     ("tiny", {}, [0, 1, 2, 3], [0, 1], "teacher_experts applies only to a MoE student"),
