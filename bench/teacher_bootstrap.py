@@ -5,7 +5,7 @@ and prints one JSON line per run: its bootstrap settings, the thinking-mode cros
 way (the task is learned abruptly: a plateau near 0.15 nats per token, then a drop to ~0), the
 first logged step where it is below `--learned` (0.05), and the teacher's eval pass@1 per mode.
 
-    for a in "lr=1e-3 steps=850" "lr=4e-3 steps=2400"; do set -- $a
+    for a in "lr=1e-3 steps=700" "lr=4e-3 steps=2400"; do set -- $a
       python -m distill logger=none threads=1 cache_dir=/tmp/boot/$1$2/cache run_dir=/tmp/boot/$1$2/run \\
           'pipeline.stages=[teacher,eval]' teacher.bootstrap.$1 teacher.bootstrap.$2; done
     python bench/teacher_bootstrap.py /tmp/boot/*/run

@@ -46,7 +46,7 @@ class BootstrapConfig:
     peak learning rate gets there sooner: about step 400 at 1e-3, against about 1,600 at 4e-3
     (bench/README.md, "The embedded default on this CPU")."""
 
-    steps: int = 850
+    steps: int = 700
     batch_size: int = 24
     lr: float = 1e-3
     warmup_steps: int = 50

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,7 +301,7 @@ class ModeAlternatingBatches:
     keeps rows rank, rank + world, ...
     """
 
-    def __init__(self, examples: dict[str, list[Example]], batch_size: int, pad_id: int, max_length: int, *,
+    def __init__(self, examples: dict[str, Sequence[Example]], batch_size: int, pad_id: int, max_length: int, *,
                  micro_batches: int = 1, seed: int = 0, rank: int = 0, world: int = 1, pack: bool = False):
         self.rank, self.world, self.pack = rank, world, pack
         self.examples, self.batch_size, self.pad_id, self.max_length = examples, batch_size, pad_id, max_length

@@ -74,3 +74,21 @@ def test_builtin_task_is_written_once_and_loaded_with_datasets(tmp_path):
     assert files == ["test.jsonl", "train.jsonl", "validation.jsonl"]
     assert [len(first[s]) for s in ("train", "validation", "test")] == [50, 10, 10]
     assert first["test"]["answer"] == second["test"]["answer"]
+
+
+def test_the_bootstrap_renders_each_reference_reply_when_drawn_as_it_would_up_front(tmp_path, tokenizer):
+    from distill.stages.teacher import ReferenceExamples
+    from distill.students.chat import MODES, reference_reply, render_prompt, render_response
+
+    cfg = DataConfig()
+    cfg.arithmetic.train_size, cfg.arithmetic.validation_size, cfg.arithmetic.test_size = 40, 10, 10
+    rows = load_chat_dataset(cfg, tmp_path)["train"]
+    for mode in MODES:
+        lazy = ReferenceExamples(rows, tokenizer, mode)
+        assert len(lazy) == 40
+        for index in (0, 17, 39):
+            messages = rows[index]["messages"]
+            assert lazy[index].prompt == render_prompt(tokenizer, prompt_messages(messages), mode)
+            assert lazy[index].response == render_response(tokenizer, reference_reply(messages), mode)
+    think, no_think = ReferenceExamples(rows, tokenizer, "think")[3], ReferenceExamples(rows, tokenizer, "no_think")[3]
+    assert len(think.response) > len(no_think.response)    # the modes differ: reasoning vs an empty think block
