@@ -149,7 +149,7 @@ class OnPolicyConfig:
     student minimises the divergence on its own samples (the Qwen3 report's second stage)."""
 
     prompts: int = 2000          # training prompts after the off-policy ones (its own data)
-    steps: int = 80
+    steps: int = 60
     batch_size: int = 32         # rollouts (or off-policy sequences) per micro-batch
     grad_accum: int = 1
     lr: float = 1e-3
