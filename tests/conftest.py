@@ -39,6 +39,7 @@ TINY_RUN = [
     "students.moe.architecture.head_dim=16",
     "students.moe.architecture.num_hidden_layers=2",
     "students.moe.teacher_layers=[0,1]",
+    "students.moe.steps=12",
     "data.arithmetic.train_size=600",
     "data.arithmetic.validation_size=20",
     "data.arithmetic.test_size=40",

@@ -141,7 +141,7 @@ def test_a_sharded_run_killed_at_random_points_resumes_to_the_same_weights(tmp_p
     """SIGKILL every process of a two-process fsdp2 run (a preempted node) twice at random
     moments, resume each time: the released students are bitwise those of an uninterrupted run."""
     base = _base(tmp_path) + ["parallel=fsdp2", "checkpoint_every=2", "pipeline.offpolicy.steps=60",
-                              "students.dense.steps=60", "pipeline.onpolicy.steps=16"]
+                              "students.dense.steps=60", "students.moe.steps=60", "pipeline.onpolicy.steps=16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
     launches = iter(range(29_510, 29_600))  # a fresh port each time: a killed run's may linger
 
@@ -178,7 +178,8 @@ def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
     command = [*LAUNCH[:2], "--main_process_port", "29611", *LAUNCH[2:], *_base(tmp_path), RECIPE,
-               "pipeline.offpolicy.steps=2000", "students.dense.steps=2000", f"run_dir={tmp_path / 'run'}"]
+               "pipeline.offpolicy.steps=2000", "students.dense.steps=2000", "students.moe.steps=2000",
+               f"run_dir={tmp_path / 'run'}"]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd())
     deadline, ranks = time.monotonic() + 120, []

@@ -159,7 +159,8 @@ def test_transformers_teacher_from_a_local_folder_and_students_from_checkpoints(
         "students.moe.init=teacher", "students.moe.teacher_layers=[0,2,2,1]",
         "students.moe.architecture.hidden_size=64", "students.moe.architecture.head_dim=16",
         "students.moe.architecture.moe_intermediate_size=64",
-        "pipeline.stages=[teacher,offpolicy,eval]", "pipeline.offpolicy.steps=2", "pipeline.eval.problems=4",
+        "students.moe.steps=2", "pipeline.stages=[teacher,offpolicy,eval]", "pipeline.offpolicy.steps=2",
+        "pipeline.eval.problems=4",
     ]
     config = load_config(overrides)
     summary = run(config, progress=False)

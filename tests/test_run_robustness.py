@@ -206,7 +206,7 @@ def test_sigterm_stops_the_run_and_its_workers_with_one_line(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     args = [*TINY_RUN, f"cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "threads=2",
-            "pipeline.offpolicy.steps=400", "students.dense.steps=400", "checkpoint_every=5"]
+            "pipeline.offpolicy.steps=400", "students.dense.steps=400", "students.moe.steps=400", "checkpoint_every=5"]
     run = subprocess.Popen([sys.executable, "-m", "distill", *args], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

@@ -99,7 +99,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_weights(tmp_path):
     """SIGKILL the whole run (all its processes) three times at random moments, resume each
     time: the released students are bitwise those of an uninterrupted run."""
     base = [o for o in TINY_RUN] + [f"cache_dir={tmp_path / 'cache'}", "checkpoint_every=2", "logger=none",
-                                    "pipeline.offpolicy.steps=16", "students.dense.steps=16",
+                                    "pipeline.offpolicy.steps=16", "students.dense.steps=16", "students.moe.steps=16",
                                     "pipeline.onpolicy.steps=8", "pipeline.eval.problems=4"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
 
