@@ -118,7 +118,7 @@ def bootstrap(cfg: TeacherConfig, data: DataConfig, tokenizer: PreTrainedTokeniz
 
 class ReferenceExamples(Sequence):
     """The training split's reference replies in one mode, each rendered through the chat template
-    when a batch first draws it. The bootstrap reads about a fifth of the split's 50,000 rows;
+    when a batch first draws it. The bootstrap reads about a sixth of the split's 50,000 rows;
     rendering all of them in both modes up front took 30-45 s of a 3-minute bootstrap."""
 
     def __init__(self, rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, mode: str):
