@@ -1,8 +1,9 @@
 """Rollout decoding speed: `model.generate`, our loop on the transformers forward, and our loop on
-the lean dense-Qwen3 decoder (students/decode.py), side by side in one process, one thread.
+the lean Qwen3 decoder (students/decode.py), side by side in one process, one thread.
 
-Dense Qwen3 students of a few sizes (random init, the built-in tokenizer), batch 8 prompts of the
-built-in task, 32 new tokens sampled at temperature 1 (no early eos: every step is timed).
+Dense Qwen3 students of a few sizes and the embedded default's MoE student and teacher shapes
+(random init, the built-in tokenizer), batch 8 prompts of the built-in task, 32 new tokens
+sampled at temperature 1 (no early eos: every step is timed).
 
     python bench/decode_speed.py
 """
@@ -38,13 +39,16 @@ def main() -> None:
     prompts = [render_prompt(tokenizer, p.messages()[:1], "think") for p in problems]
     sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0)
     # eos = -1 never ends a row early: every configuration decodes exactly new_tokens steps
-    sizes = {"tiny (0.6M, width 128, 4 layers)": {},
-             "width 256, 4 layers (2.4M)": dict(hidden_size=256, intermediate_size=768, head_dim=64),
-             "width 512, 8 layers (19M)": dict(hidden_size=512, intermediate_size=1536, head_dim=64,
-                                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)}
+    sizes = {"tiny (0.6M, width 128, 4 layers)": ("tiny", {}),
+             "width 256, 4 layers (2.4M)": ("tiny", dict(hidden_size=256, intermediate_size=768, head_dim=64)),
+             "width 512, 8 layers (19M)": ("tiny", dict(hidden_size=512, intermediate_size=1536, head_dim=64,
+                                                        num_hidden_layers=8, num_attention_heads=8,
+                                                        num_key_value_heads=4)),
+             "MoE student (0.63M, 8 experts of width 32, top-2)": ("tiny-moe", dict(moe_intermediate_size=32)),
+             "MoE teacher (1.8M, 8 experts of width 64, top-2)": ("tiny-moe", {})}
     rows = []
-    for label, overrides in sizes.items():
-        model = build_random(get_preset("tiny").override(**overrides), seed=0).eval()
+    for label, (preset, overrides) in sizes.items():
+        model = build_random(get_preset(preset).override(**overrides), seed=0).eval()
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)

@@ -3,8 +3,9 @@
 `--model teacher`: the teacher bootstrap's step (tiny-moe, cross-entropy on the built-in task's
 reference replies, batch 24, both modes alternating); `--model moe`: the MoE student's
 off-policy step (forward KL to the cached teacher outputs, batch 32). Variants: packed rows,
-bf16 autocast, the experts implementation (transformers' `grouped_mm` or `eager`, or two
-written here for the comparison: every expert on every token, and gathers by `index_select`),
+bf16 autocast, the experts implementation (distill's default `index_select`, transformers'
+gathers as `index_select`, students/experts.py; transformers' own `grouped_mm` or `eager`; or
+every expert on every token, written here for the comparison),
 the attention implementation, `torch.compile` of the decoder. Prints one JSON line: steps/s over
 `--steps` steps after 5 warm-up steps, and the mean padding share.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers.integrations.moe import ExpertsInterface, _grouped_linear
+from transformers.integrations.moe import ExpertsInterface
 
 from distill.common.tracking import Tracker
 from distill.config import Config
@@ -30,6 +31,7 @@ from distill.data import Example, ModeAlternatingBatches
 from distill.parallel import Replicated
 from distill.stages.teacher import teacher_architecture
 from distill.stages.teacher_outputs import offpolicy_examples
+from distill.students import experts
 from distill.students.build import build_random
 from distill.students.chat import MODES, prompt_messages, reference_reply, render_prompt, render_response
 from distill.students.tokenizer import load_tokenizer
@@ -44,14 +46,15 @@ def main() -> None:
     parser.add_argument("--teacher-outputs", help="--model moe: a run's teacher_outputs folder")
     parser.add_argument("--pack", action="store_true")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast")
-    parser.add_argument("--experts", default="grouped_mm", choices=["grouped_mm", "eager", "all_experts", "select"])
+    parser.add_argument("--experts", default="index_select", choices=["index_select", "grouped_mm", "eager", "all_experts"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--loss", choices=["chunked", "naive"], default="chunked", help="--model moe: the KD loss path")
+    parser.add_argument("--batch-size", type=int, help="default: the default run's (teacher 24, MoE student 32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ExpertsInterface.register("all_experts", _all_experts)
-    ExpertsInterface.register("select", _gathers_by_index_select)
 
     cfg, tokenizer = Config(), load_tokenizer("builtin")
     if args.model == "teacher":
@@ -68,11 +71,13 @@ def main() -> None:
         tracker = Tracker(Path(args.teacher_outputs), metrics_file=None)
         examples = offpolicy_examples(cfg, tokenizer, Path(args.teacher_outputs), tracker)
         model, batch_size = build_random(cfg.students["moe"].architecture, seed=0), 32
+        cfg.loss.implementation = args.loss
         objective = distillation_objective(cfg.loss, len(tokenizer))
-    model.set_experts_implementation(args.experts)
+    model.set_experts_implementation(experts.NAME if args.experts == "index_select" else args.experts)
     model.set_attn_implementation(args.attn)
     if args.compile:
         model.model = torch.compile(model.model, dynamic=True)
+    batch_size = args.batch_size or batch_size
     batches = ModeAlternatingBatches(examples, batch_size, tokenizer.pad_token_id, cfg.data.max_length, seed=0,
                                      pack=args.pack)
     engine = Replicated(model, objective, lr=1e-3, weight_decay=0.0)
@@ -107,21 +112,6 @@ def _all_experts(self, hidden_states, top_k_index, top_k_weights):
     gate, up = torch.matmul(hidden_states, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
     out = torch.matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))
     return torch.einsum("eth,te->th", out, weights.to(out.dtype)).to(hidden_states.dtype)
-
-
-def _gathers_by_index_select(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' grouped_mm path with its gathers as `index_select` (backward: index_add)."""
-    top_k, (tokens, hidden) = top_k_index.size(-1), hidden_states.shape
-    expert_ids, order = torch.sort(top_k_index.reshape(-1))
-    selected = hidden_states.index_select(0, order // top_k)
-    weights = top_k_weights.reshape(-1).index_select(0, order)
-    offsets = torch.cumsum(torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1),
-                           dim=0, dtype=torch.int32)
-    out = self._apply_gate(_grouped_linear(selected, self.gate_up_proj, offsets, is_transposed=self.is_transposed))
-    out = _grouped_linear(out, self.down_proj, offsets, is_transposed=self.is_transposed) * weights.unsqueeze(-1)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.size(0))
-    return out.index_select(0, inverse).view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
 if __name__ == "__main__":

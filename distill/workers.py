@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -34,14 +34,20 @@ def run_in_processes(function: Callable, jobs: dict[str, tuple], processes: int,
     """{name: function(*arguments)} for every job {name: arguments}, `processes` at a time;
     `cores` (0: do not share) are shared out among the running jobs (`share_cores`).
 
-    The workers end with this process: an interrupt here (Ctrl-C, SIGTERM) stops them before it
-    propagates, and a worker whose parent is gone (killed, even by SIGKILL) exits by itself."""
+    The first job to fail stops the others (a job of a data-parallel group would otherwise wait
+    for its failed peer forever) and its error is raised here. The workers end with this
+    process: an interrupt here (Ctrl-C, SIGTERM) stops them before it propagates, and a worker
+    whose parent is gone (killed, even by SIGKILL) exits by itself."""
     context = multiprocessing.get_context("spawn")
     running = context.Value("i", len(jobs))
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
                                initargs=(running, cores, os.getpid()))
     try:
         futures = {name: pool.submit(_run_job, function, arguments) for name, arguments in jobs.items()}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                future.result()   # raises it; the others are stopped below
         return {name: future.result() for name, future in futures.items()}
     except BaseException:
         for process in list(pool._processes.values()):   # noqa: SLF001 - no public way to stop running jobs

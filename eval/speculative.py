@@ -103,6 +103,10 @@ def draft_eval(target: PreTrainedModel, drafts: dict[str, PreTrainedModel], toke
                            batch_size=generate_batch_size, seed=seed, desc=f"draft eval: target ({mode})",
                            progress=progress)
         pairs = [(prompt, reply.ids) for prompt, reply in zip(prompts, replies) if reply.ids]
+        measured = measure_speculative(
+            target, drafts, tokenizer, prompts[:measure_prompts], sampling=sampling(mode), gamma=gamma,
+            max_new_tokens=max_new_tokens, seed=seed, desc=f"draft eval: decoding with {', '.join(drafts)} ({mode})",
+            progress=progress) if measure_prompts > 0 else {}
         for name, draft in drafts.items():
             alphas, agreement = score_positions(target, draft, pairs, sampling(mode), vocab=vocab,
                                                 batch_size=batch_size, desc=f"draft eval: {name} ({mode})",
@@ -114,12 +118,8 @@ def draft_eval(target: PreTrainedModel, drafts: dict[str, PreTrainedModel], toke
                 greedy_agreement=sum(map(sum, agreement)) / tokens if tokens else float("nan"),
                 tokens_per_forward={g: tokens_per_forward(alphas, g) for g in gammas},
                 tokens_per_forward_iid={g: iid_tokens_per_forward(alpha, g) for g in gammas},
-                greedy_tokens_per_forward={g: tokens_per_forward(agreement, g) for g in gammas})
-            if measure_prompts > 0:
-                result.measured = measure_speculative(
-                    target, draft, tokenizer, prompts[:measure_prompts], sampling=sampling(mode), gamma=gamma,
-                    max_new_tokens=max_new_tokens, seed=seed, desc=f"draft eval: decoding with {name} ({mode})",
-                    progress=progress)
+                greedy_tokens_per_forward={g: tokens_per_forward(agreement, g) for g in gammas},
+                measured=measured.get(name))
             results[name][mode] = result
     return results
 
@@ -158,11 +158,13 @@ def _response_logits(model: PreTrainedModel, batch: list[tuple[list[int], list[i
     return [logits[row, len(p) - 1:len(p) + len(r) - 1, :vocab].float().cpu() for row, (p, r) in enumerate(batch)]
 
 
-def measure_speculative(target: PreTrainedModel, draft: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def measure_speculative(target: PreTrainedModel, drafts: dict[str, PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
                         prompts: list[list[int]], *, sampling: Sampling | None, gamma: int, max_new_tokens: int,
-                        seed: int = 0, desc: str = "speculative decoding", progress: bool = True) -> Measured:
-    """The target decoding `prompts` one at a time (assisted generation takes batch 1) with and
-    without the draft, prompt i under seed + i both times; after one warm-up call of each."""
+                        seed: int = 0, desc: str = "speculative decoding", progress: bool = True) -> dict[str, Measured]:
+    """{draft: Measured}: the target decoding `prompts` one at a time (assisted generation takes
+    batch 1) alone and with each draft, prompt i under seed + i every time; after one warm-up
+    call of each. The target alone decodes each prompt once for all the drafts (the same seed
+    gives the same tokens), timed beside them."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling is not None,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if sampling is not None:
@@ -174,30 +176,41 @@ def measure_speculative(target: PreTrainedModel, draft: PreTrainedModel, tokeniz
     warpers = _warpers(sampling) if sampling is not None else None
     forwards = [0]
     hook = target.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    alone, assisted, seconds, target_forwards = [], [], {"alone": 0.0, "assisted": 0.0}, 0
+    alone, alone_seconds = [], 0.0
+    assisted = {name: [] for name in drafts}
+    seconds, target_forwards = dict.fromkeys(drafts, 0.0), dict.fromkeys(drafts, 0)
     try:
-        with _constant_draft_length(draft, gamma):
+        with contextlib.ExitStack() as constant:
+            for draft in drafts.values():
+                constant.enter_context(_constant_draft_length(draft, gamma))
             _decode(target, None, prompts[0], config, warpers, seed)   # warm-up: first-call costs out of the timing
-            _decode(target, draft, prompts[0], config, warpers, seed)
-            # alternate the two per prompt, so a slower or faster stretch of the machine hits both alike
+            for draft in drafts.values():
+                _decode(target, draft, prompts[0], config, warpers, seed)
+            # alone and with each draft in turn per prompt, so a slower or faster stretch of the
+            # machine hits all of them alike
             for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=not progress, leave=False)):
                 tick = time.perf_counter()
                 alone.append(_decode(target, None, prompt, config, warpers, seed + i))
-                seconds["alone"] += time.perf_counter() - tick
-                forwards[0] = 0
-                tick = time.perf_counter()
-                assisted.append(_decode(target, draft, prompt, config, warpers, seed + i))
-                seconds["assisted"] += time.perf_counter() - tick
-                target_forwards += forwards[0]
+                alone_seconds += time.perf_counter() - tick
+                for name, draft in drafts.items():
+                    forwards[0] = 0
+                    tick = time.perf_counter()
+                    assisted[name].append(_decode(target, draft, prompt, config, warpers, seed + i))
+                    seconds[name] += time.perf_counter() - tick
+                    target_forwards[name] += forwards[0]
     finally:
         hook.remove()
-    tokens, baseline_tokens = sum(map(len, assisted)), sum(map(len, alone))
-    return Measured(gamma=gamma, prompts=len(prompts), tokens=tokens, target_forwards=target_forwards,
-                    tokens_per_forward=tokens / max(target_forwards, 1), seconds=seconds["assisted"],
-                    baseline_tokens=baseline_tokens, baseline_seconds=seconds["alone"],
-                    speedup=(tokens / seconds["assisted"]) / (baseline_tokens / seconds["alone"]),
-                    lengths=[len(ids) for ids in assisted],
-                    greedy_equal=assisted == alone if sampling is None else None)
+    baseline_tokens = sum(map(len, alone))
+    results = {}
+    for name, outputs in assisted.items():
+        tokens = sum(map(len, outputs))
+        results[name] = Measured(
+            gamma=gamma, prompts=len(prompts), tokens=tokens, target_forwards=target_forwards[name],
+            tokens_per_forward=tokens / max(target_forwards[name], 1), seconds=seconds[name],
+            baseline_tokens=baseline_tokens, baseline_seconds=alone_seconds,
+            speedup=(tokens / seconds[name]) / (baseline_tokens / alone_seconds),
+            lengths=[len(ids) for ids in outputs], greedy_equal=outputs == alone if sampling is None else None)
+    return results
 
 
 @torch.inference_mode()

@@ -20,6 +20,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from distill.students import experts
 from distill.students.presets import Architecture
 from distill.students.tokenizer import BUILTIN_TOKEN_IDS, QWEN3_TOKEN_IDS, TokenIds
 
@@ -59,8 +60,11 @@ def hf_config(arch: Architecture, token_ids: TokenIds | None = None) -> Qwen3Con
     if not arch.is_moe:
         return Qwen3Config(**common)
     # Set every MoE field: Qwen3MoeConfig's defaults (norm_topk_prob false) differ from the release.
+    # The experts' forward is transformers' grouped_mm with CPU-friendly gathers (students/experts.py;
+    # in memory only: a saved config does not name it).
     return Qwen3MoeConfig(
         **common,
+        experts_implementation=experts.NAME,
         num_experts=arch.num_experts,
         num_experts_per_tok=arch.num_experts_per_tok,
         moe_intermediate_size=arch.moe_intermediate_size,
@@ -108,7 +112,8 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, tr
             device_map = f"cuda:{torch.cuda.current_device()}" if data_parallel else "auto"
     if device_map:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    return model if quantization != "none" else experts.use_in(model)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A lean token-by-token decoder for dense Qwen3 models, on the model's own weights.
+"""A lean token-by-token decoder for Qwen3 models (dense and MoE), on the model's own weights.
 
 For the small models of on-policy rollouts, decoding is dispatch-bound: a transformers forward
 for one new token runs ~30 small ops per layer plus mask, cache and RoPE bookkeeping, which
@@ -9,9 +9,14 @@ The prompt itself (compute-bound) goes through the transformers forward, whose K
 copied in, so only the per-token steps differ. Logits equal the transformers forward to float32
 rounding (a test checks them step by step).
 
-Dense `qwen3` with full attention, default RoPE, SiLU and plain (unquantized, single-device)
-weights only; `QwenDecoder.supports(model)` says whether a model qualifies, and callers fall
-back to the transformers forward otherwise (MoE models, for one).
+A MoE layer routes as transformers' Qwen3-MoE router does (softmax in float32, top-k, the
+top-k renormalised when the config says so) and runs the model's own experts module on the
+batch's tokens, so its experts implementation (students/experts.py on the CPU) is the one the
+model trains and scores with.
+
+`qwen3` and `qwen3_moe` with full attention, default RoPE, SiLU and plain (unquantized,
+single-device) weights only; `QwenDecoder.supports(model)` says whether a model qualifies, and
+callers fall back to the transformers forward otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class QwenDecoder:
         config = model.config
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        return (config.model_type == "qwen3" and set(layer_types) == {"full_attention"} and rope == "default"
+        return (config.model_type in ("qwen3", "qwen3_moe") and set(layer_types) == {"full_attention"}
+                and rope == "default"
                 and config.hidden_act == "silu" and getattr(model, "hf_device_map", None) is None
                 and getattr(model, "quantization_method", None) is None
                 and all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear)))
@@ -49,16 +55,21 @@ class QwenDecoder:
         with torch.no_grad():
             for layer in inner.layers:
                 attention, mlp = layer.self_attn, layer.mlp
-                self.layers.append(dict(
+                blocks = dict(
                     norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
                     qkv=torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
                     q_norm=(attention.q_norm.weight, attention.q_norm.variance_epsilon),
                     k_norm=(attention.k_norm.weight, attention.k_norm.variance_epsilon),
                     o=attention.o_proj.weight,
-                    norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down=mlp.down_proj.weight,
-                    intermediate=mlp.gate_proj.weight.shape[0]))
+                    norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon))
+                if hasattr(mlp, "experts"):   # a sparse MoE block: its router and its experts module
+                    router = mlp.gate
+                    blocks.update(router=router.weight, top_k=router.top_k, renormalise=router.norm_topk_prob,
+                                  experts=mlp.experts)
+                else:
+                    blocks.update(gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                  down=mlp.down_proj.weight, intermediate=mlp.gate_proj.weight.shape[0])
+                self.layers.append(blocks)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -113,9 +124,22 @@ class QwenDecoder:
             scores = torch.matmul(q, keys[:, :, :t + 1].transpose(-1, -2)) * self.scale + self.mask[..., :t + 1]
             attended = torch.matmul(scores.softmax(-1), values[:, :, :t + 1]).reshape(batch, -1)
             x = x + F.linear(attended, layer["o"])
-            gate, up = F.linear(_rms(x, *layer["norm2"]), layer["gate_up"]).split(layer["intermediate"], dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            h = _rms(x, *layer["norm2"])
+            if "experts" in layer:
+                x = x + _routed_experts(h, layer)
+            else:
+                gate, up = F.linear(h, layer["gate_up"]).split(layer["intermediate"], dim=-1)
+                x = x + F.linear(F.silu(gate) * up, layer["down"])
         return F.linear(_rms(x, *self.final_norm), self.lm_head)
+
+
+def _routed_experts(h: torch.Tensor, layer: dict) -> torch.Tensor:
+    """A Qwen3-MoE block on one token per row [B, H]: route, then the model's experts module."""
+    probabilities = F.linear(h, layer["router"]).softmax(-1, dtype=torch.float)
+    weights, chosen = probabilities.topk(layer["top_k"], dim=-1)
+    if layer["renormalise"]:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return layer["experts"](h, chosen, weights.to(h.dtype))
 
 
 def cache_argument(model: PreTrainedModel) -> str:

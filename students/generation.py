@@ -33,8 +33,9 @@ class Generation:
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], *,
              max_new_tokens: int, sampling: Sampling | None, batch_size: int = 256, seed: int = 0,
-             desc: str = "generate", progress: bool = True) -> list[Generation]:
-    """Responses to tokenised prompts; `sampling=None` is greedy decoding.
+             desc: str = "generate", progress: bool = True, lean: bool | None = None) -> list[Generation]:
+    """Responses to tokenised prompts; `sampling=None` is greedy decoding. `lean`: decode with
+    the lean Qwen3 decoder (students/decode.py; None: whenever it supports the model).
 
     Prompts are processed longest first so a batch holds similar lengths; results come back in
     the input order. Sampling draws from a generator seeded with `seed` (the global torch RNG is
@@ -50,7 +51,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         for i, generation in zip(chunk, _decode(model, [prompts[i] for i in chunk], eos=tokenizer.eos_token_id,
                                                 pad=tokenizer.pad_token_id, vocab=len(tokenizer),
                                                 max_new_tokens=max_new_tokens, sampling=sampling,
-                                                generator=generator, device=device)):
+                                                generator=generator, device=device, lean=lean)):
             results[i] = generation
     return results  # type: ignore[return-value]
 
@@ -58,7 +59,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 def _decode(model, prompts: list[list[int]], *, eos: int, pad: int, vocab: int, max_new_tokens: int,
             sampling: Sampling | None, generator: torch.Generator, device,
             lean: bool | None = None) -> list[Generation]:
-    """One batch. `lean`: decode with the lean dense-Qwen3 decoder (None: whenever it supports the model)."""
+    """One batch. `lean`: decode with the lean Qwen3 decoder (None: whenever it supports the model)."""
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)

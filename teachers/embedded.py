@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.students import experts
+
 # Bump when the bootstrap recipe changes in a way its configuration does not capture.
 RECIPE_VERSION = 1
 
@@ -32,7 +34,7 @@ def load(folder: Path) -> PreTrainedModel | None:
     """The cached teacher in eval mode, or None when the folder holds none yet."""
     if not (folder / "config.json").exists():
         return None
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return experts.use_in(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)).eval()
 
 
 def store(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, description: dict) -> None:

@@ -1,7 +1,8 @@
-"""Worker processes share the cores out again as jobs end."""
+"""Worker processes share the cores out again as jobs end, and the first failure stops them all."""
 
 import time
 
+import pytest
 import torch
 
 from distill import workers
@@ -26,3 +27,18 @@ def test_without_sharing_threads_stay_as_set():
     before = torch.get_num_threads()
     workers.share_cores()   # the main process: nothing to share
     assert torch.get_num_threads() == before
+
+
+def _fail_or_wait(fail: bool) -> str:
+    if fail:
+        raise ValueError("job failed")
+    time.sleep(120)   # a peer that would wait for the failed job (a collective) for a long time
+    return "finished"
+
+
+def test_a_failed_job_stops_the_others_at_once():
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="job failed"):
+        # The waiting job is first: its result alone would keep the caller for two minutes.
+        workers.run_in_processes(_fail_or_wait, {"waits": (False,), "fails": (True,)}, processes=2)
+    assert time.monotonic() - started < 60

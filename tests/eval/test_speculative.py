@@ -167,13 +167,19 @@ def test_greedy_speculative_decoding_reproduces_the_targets_own_greedy_output(mo
     target, _ = models
     draft = perturbed(target, 0.1)   # accepts some drafts and rejects others
     prompts = [render_prompt(tokenizer, p.messages, mode) for p in PROBLEMS for mode in ("think", "no_think")]
-    measured = measure_speculative(target, draft, tokenizer, prompts, sampling=None, gamma=3, max_new_tokens=16,
-                                   progress=False)
-    assert measured.greedy_equal is True
+    # two drafts measured together: the target alone decodes once, timed beside both
+    both = measure_speculative(target, {"perturbed": draft, "itself": copy.deepcopy(target)}, tokenizer, prompts, sampling=None,
+                               gamma=3, max_new_tokens=16, progress=False)
+    measured, itself = both["perturbed"], both["itself"]
+    assert measured.greedy_equal is True and itself.greedy_equal is True
     # and the target's own greedy output is the project's decoding loop's too
     own = generate(target, tokenizer, prompts, max_new_tokens=16, sampling=None, progress=False)
-    assert sum(len(g.ids) for g in own) == measured.baseline_tokens == measured.tokens
+    assert sum(len(g.ids) for g in own) == measured.baseline_tokens == measured.tokens == itself.tokens
     assert measured.tokens / 4 < measured.target_forwards < measured.tokens
+    # a draft that is a copy of the target has every proposal accepted: gamma + 1 tokens a forward
+    # (the last round of each prompt may be shorter)
+    assert itself.target_forwards < measured.target_forwards
+    assert itself.baseline_seconds == measured.baseline_seconds
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The lean dense-Qwen3 decoder against the transformers forward: same logits at every step,
-same greedy tokens as model.generate, and a fall-back for models it does not cover."""
+"""The lean Qwen3 decoder (dense and MoE) against the transformers forward: same logits at every
+step, same greedy tokens as model.generate, and a fall-back for models it does not cover."""
 
+import pytest
 import torch
 from transformers import GenerationConfig
 
@@ -17,13 +18,24 @@ def _dense(seed=0, **overrides):
                         **overrides).eval()
 
 
+def _moe(seed=0, **overrides):
+    """A Qwen3-MoE whose first layer has a dense MLP (`mlp_only_layers`), so both blocks are covered."""
+    return scaled_model("tiny-moe", seed, 0.3, num_hidden_layers=2, hidden_size=128, head_dim=32,
+                        moe_intermediate_size=64, intermediate_size=256, mlp_only_layers=[0], **overrides).eval()
+
+
+MODELS = {"dense": _dense, "moe": _moe}
+
+
 def _prompts(tokenizer, count=5):
     return [render_prompt(tokenizer, [{"role": "user", "content": "7*" * (i + 1) + f"{i} mod 10"}], "think")
             for i in range(count)]
 
 
-def test_step_logits_equal_the_transformers_forward(tokenizer):
-    model = _dense()
+@pytest.mark.parametrize("kind", MODELS)
+def test_step_logits_equal_the_transformers_forward(tokenizer, kind):
+    model = MODELS[kind]()
+    assert QwenDecoder.supports(model)
     prompts = _prompts(tokenizer)
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
@@ -66,8 +78,9 @@ def test_a_bf16_model_decodes_in_bf16_close_to_the_transformers_forward(tokenize
     assert len(generate(model, tokenizer, prompts, max_new_tokens=8, sampling=None, progress=False)) == 3
 
 
-def test_greedy_generation_equals_model_generate(tokenizer):
-    model = _dense(seed=1, num_key_value_heads=2)   # grouped-query attention
+@pytest.mark.parametrize("kind", MODELS)
+def test_greedy_generation_equals_model_generate(tokenizer, kind):
+    model = MODELS[kind](seed=1, num_key_value_heads=2)   # grouped-query attention
     assert QwenDecoder.supports(model)
     prompts = _prompts(tokenizer, 6)
     ours = generate(model, tokenizer, prompts, max_new_tokens=16, sampling=None, progress=False)
@@ -81,9 +94,20 @@ def test_greedy_generation_equals_model_generate(tokenizer):
         assert generation.ids == expected
 
 
-def test_moe_models_use_the_transformers_forward(tokenizer):
-    moe = build_random(get_preset("tiny-moe").override(num_hidden_layers=1, hidden_size=32, head_dim=16,
-                                                       moe_intermediate_size=32), seed=0)
-    assert not QwenDecoder.supports(moe)
-    out = generate(moe, tokenizer, _prompts(tokenizer, 2), max_new_tokens=4, sampling=None, progress=False)
+def test_routing_follows_the_model(tokenizer):
+    """Both router settings (top-k renormalised or not) and a second expert count decode as the
+    transformers forward does."""
+    for overrides in ({"norm_topk_prob": False}, {"num_experts": 4, "num_experts_per_tok": 1}):
+        model = _moe(seed=2, **overrides)
+        prompts = _prompts(tokenizer, 3)
+        ours = generate(model, tokenizer, prompts, max_new_tokens=10, sampling=None, progress=False)
+        reference = generate(model, tokenizer, prompts, max_new_tokens=10, sampling=None, progress=False, lean=False)
+        assert [g.ids for g in ours] == [g.ids for g in reference], overrides
+
+
+def test_other_models_use_the_transformers_forward(tokenizer):
+    model = _dense()
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert not QwenDecoder.supports(model)
+    out = generate(model, tokenizer, _prompts(tokenizer, 2), max_new_tokens=4, sampling=None, progress=False)
     assert all(len(g.ids) <= 4 for g in out)
