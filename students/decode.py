@@ -35,7 +35,7 @@ class QwenDecoder:
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         return (config.model_type in ("qwen3", "qwen3_moe") and set(layer_types) == {"full_attention"}
-                and rope == "default"
+                and not getattr(config, "use_sliding_window", False) and rope == "default"
                 and config.hidden_act == "silu" and getattr(model, "hf_device_map", None) is None
                 and getattr(model, "quantization_method", None) is None
                 and all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear)))

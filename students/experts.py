@@ -20,17 +20,23 @@ from the start; loaded ones through `use_in`.
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear, grouped_mm_experts_forward
 
-NAME = "grouped_mm_index_select"
+try:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear, grouped_mm_experts_forward
+except ImportError:   # a transformers without this interface: its own experts forward stays
+    ALL_EXPERTS_FUNCTIONS = None
+
+# The implementation's name in transformers' registry (None: not available, models keep their default).
+NAME = "grouped_mm_index_select" if ALL_EXPERTS_FUNCTIONS is not None else None
 
 
 def grouped_mm_index_select(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward`, gathers by `index_select` on the CPU."""
+    # (Attributes read with defaults: older transformers releases lack some of them.)
     covered = (hidden_states.device.type == "cpu" and getattr(self, "gate_up_proj", None) is not None
-               and self.has_gate and not self.has_bias and not self.has_post_expert_norm
-               and not self._is_expert_parallel)
+               and hasattr(self, "_apply_gate") and getattr(self, "has_gate", True) and not getattr(self, "has_bias", False)
+               and not getattr(self, "has_post_expert_norm", False) and not getattr(self, "_is_expert_parallel", False))
     if not covered:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     top_k, (tokens, hidden) = top_k_index.size(-1), hidden_states.shape
@@ -40,8 +46,9 @@ def grouped_mm_index_select(self: torch.nn.Module, hidden_states: torch.Tensor, 
     weights = top_k_weights.reshape(-1).index_select(0, order)
     per_expert = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
-    out = self._apply_gate(_grouped_linear(selected, self.gate_up_proj, offsets, is_transposed=self.is_transposed))
-    out = _grouped_linear(out, self.down_proj, offsets, is_transposed=self.is_transposed) * weights.unsqueeze(-1)
+    transposed = getattr(self, "is_transposed", False)
+    out = self._apply_gate(_grouped_linear(selected, self.gate_up_proj, offsets, is_transposed=transposed))
+    out = _grouped_linear(out, self.down_proj, offsets, is_transposed=transposed) * weights.unsqueeze(-1)
     # Back to (token, k) order, then each token's top-k outputs summed (a reshape and a sum, as
     # transformers does, rather than a scatter).
     inverse = torch.empty_like(order)
@@ -52,9 +59,10 @@ def grouped_mm_index_select(self: torch.nn.Module, hidden_states: torch.Tensor, 
 def use_in(model: torch.nn.Module) -> torch.nn.Module:
     """A loaded model (from_pretrained) on transformers' default grouped_mm experts takes this
     forward instead; any other choice, and a model without experts, stays as it is."""
-    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":
+    if NAME is not None and getattr(model.config, "_experts_implementation", None) == "grouped_mm":
         model.set_experts_implementation(NAME)
     return model
 
 
-ALL_EXPERTS_FUNCTIONS.register(NAME, grouped_mm_index_select)
+if ALL_EXPERTS_FUNCTIONS is not None:
+    ALL_EXPERTS_FUNCTIONS.register(NAME, grouped_mm_index_select)
