@@ -34,8 +34,8 @@ def run_in_processes(function: Callable, jobs: dict[str, tuple], processes: int,
     """{name: function(*arguments)} for every job {name: arguments}, `processes` at a time;
     `cores` (0: do not share) are shared out among the running jobs (`share_cores`).
 
-    The first job to fail stops the others (a job of a data-parallel group would otherwise wait
-    for its failed peer forever) and its error is raised here. The workers end with this
+    The first job to fail stops the others at once (the run fails with it; they would otherwise
+    train on to the end first) and its error is raised here. The workers end with this
     process: an interrupt here (Ctrl-C, SIGTERM) stops them before it propagates, and a worker
     whose parent is gone (killed, even by SIGKILL) exits by itself."""
     context = multiprocessing.get_context("spawn")
