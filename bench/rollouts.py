@@ -11,8 +11,10 @@ three ways, one after the other in this process on the same cores:
   (rollout.async=true, one version stale at most).
 
 With the engine, the cores are split as `rollout.engine_cores` splits them: every process of the
-server on the last core (its OpenMP threads bound there too), the trainer on the others. Startup (the server's ~1 minute) is reported apart and left out of the
-stage time, and so is the first step of each run (one-time costs). Reported per run: stage
+server on the last core (its OpenMP threads bound there too), the trainer on the others while
+the engine works, and on every core while it idles (`rollout.lend_cores`, the default; the
+`_pinned` variants keep the trainer off the engine's core throughout). Startup (the server's
+~1 minute) is reported apart and left out of the stage time, and so is the first step of each run (one-time costs). Reported per run: stage
 seconds per step, rollout tokens per second of stage time,
 the share of the stage the trainer spent waiting for batches (sampling + teacher scoring it could
 not overlap), and the mean reverse-KL estimate of the last half of the steps (the same training
@@ -27,6 +29,7 @@ Models are randomly initialised and rarely stop early, so rollouts run to the le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -40,6 +43,7 @@ import torch
 from distill.common.tracking import Tracker, read_metrics
 from distill.config import LossConfig, OnPolicyConfig, RolloutConfig
 from distill.onpolicy import OnPolicyBatches
+from distill.stages.rollouts import CoreSplit
 from distill.students.build import build_random
 from distill.students.presets import PRESETS
 from distill.students.rollout_engine import VLLMRollouts
@@ -94,6 +98,9 @@ def run_stage(student, teacher, tokenizer, prompts, cfg: OnPolicyConfig, steps: 
     late = [r["train/s/onpolicy/kd_loss"] for r in records[len(records) // 2:]]
     return {"seconds_per_step": seconds / (steps - 1), "rollout_tokens_per_s": tokens / seconds,
             "trainer_wait_share": timed.waited / seconds, "kd_loss_late": statistics.mean(late),
+            # the sampling's own seconds per step (the engine's, or in process the decoder's)
+            "sample_s": statistics.mean(r["train/s/onpolicy/rollout_sample_s"] * cfg.grad_accum for r in records[1:]),
+            "sync_s": statistics.mean(r.get("train/s/onpolicy/rollout_sync_s", 0.0) for r in records[1:]),
             "staleness": statistics.mean(r.get("train/s/onpolicy/rollout_staleness", 0.0) for r in records)}
 
 
@@ -103,7 +110,8 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256], help="rollout lengths (max_new_tokens)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--engines", nargs="+", default=["in_process", "vllm_sync", "vllm_async"])
+    parser.add_argument("--engines", nargs="+", default=["in_process", "vllm_sync", "vllm_async", "vllm_sync_pinned",
+                                                         "vllm_async_pinned"])
     parser.add_argument("--out", default="bench/results/rollouts_cpu.jsonl")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
@@ -127,9 +135,11 @@ def main() -> None:
                     result = run_stage(student, teacher, tokenizer, prompts, cfg, args.steps)
                     startup = 0.0
                 else:
-                    # The server on the last core, the trainer (and its teacher) on the others.
-                    os.sched_setaffinity(0, cores[:-1] or cores)
-                    torch.set_num_threads(max(1, len(cores) - 1))
+                    # The server on the last core, the trainer (and its teacher) on the others:
+                    # CoreSplit, as rollout.engine_cores=[last] does in a run (`_pinned`:
+                    # rollout.lend_cores=false, the trainer never uses the engine's core).
+                    os.sched_setaffinity(0, cores)
+                    torch.set_num_threads(len(cores))
                     startup = 0.0
                     if engine is None:
                         started = time.perf_counter()
@@ -139,9 +149,14 @@ def main() -> None:
                         startup = time.perf_counter() - started
                     engine.load(checkpoint_tensors(first), 0)   # every run starts from the same weights
                     teacher = TransformersTeacher(teacher_model, tokenizer, name="t", progress=False)
-                    rollout = RolloutConfig(engine="vllm", async_=variant == "vllm_async", max_staleness=1)
-                    result = run_stage(student, teacher, tokenizer, prompts, cfg, args.steps, engine=engine,
-                                       rollout=rollout)
+                    rollout = RolloutConfig(engine="vllm", async_=variant.startswith("vllm_async"), max_staleness=1)
+                    with contextlib.ExitStack() as cleanup:
+                        split = CoreSplit([cores[-1]], cleanup, lend=not variant.endswith("_pinned"))
+                        split.serve(engine)
+                        split.attach(student)
+                        split.attach(teacher_model)
+                        result = run_stage(student, teacher, tokenizer, prompts, cfg, args.steps, engine=engine,
+                                           rollout=rollout)
                 row = {"size": size, "params_M": round(params / 1e6, 2), "rollout_length": length, "engine": variant,
                        "steps": args.steps, "batch_size": args.batch_size, "cores": len(cores),
                        "engine_startup_s": round(startup, 1), **{k: round(v, 4) for k, v in result.items()}}

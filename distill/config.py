@@ -198,6 +198,9 @@ class RolloutConfig:
     # CPU: the cores the engine runs on; the trainer keeps the others for the stage ([] = both
     # use every core). Async sampling overlaps only when each side has cores of its own.
     engine_cores: list[int] = field(default_factory=list)
+    # CPU, with engine_cores: the trainer also uses the engine's cores whenever the engine has
+    # nothing to sample (distill/stages/rollouts.py, CoreSplit).
+    lend_cores: bool = True
     startup_timeout: float = 900.0
 
 

@@ -99,7 +99,10 @@ class OnPolicyBatches:
     process, and on an engine without `async`, a step is made when it is asked for, from the
     trainer's current weights. With an async engine, the next `max_staleness` steps are sampled
     in a background thread while the trainer trains, and scored by the teacher when their turn
-    comes (the background thread only waits on the engine).
+    comes (the background thread only waits on the engine). Data-parallel ranks share one
+    engine, one version ahead at most: the ranks meet (`barrier`) once each has this step's
+    rollouts, before the main rank loads newer weights, so no rank's rollout is sampled across
+    a weight load.
 
     Resumable like `ModeAlternatingBatches` (`state_dict` / `load_state_dict`: the state before
     the next step to be trained was planned): rollout seeds derive from the step, so a resumed
@@ -110,8 +113,9 @@ class OnPolicyBatches:
                  prompts: list[list[dict]], cfg: OnPolicyConfig, *, steps: int, max_length: int,
                  offpolicy=None, seed: int = 0, generation_batch_size: int = 256, modes: tuple[str, ...] = MODES,
                  rank: int = 0, world: int = 1, policy_weights=None, pack: bool = False, engine=None,
-                 rollout: RolloutConfig | None = None):
+                 rollout: RolloutConfig | None = None, barrier=None):
         self.rank, self.world, self.pack = rank, world, pack
+        self.barrier = barrier     # all ranks meet (data-parallel async: Processes.barrier)
         # A context manager that puts the current weights into the student for the rollouts
         # (a sharded engine's gather; by default the student already holds them).
         self.policy_weights = policy_weights or contextlib.nullcontext
@@ -132,26 +136,32 @@ class OnPolicyBatches:
         self.queue: deque = deque()
         self.states: dict[int, dict] = {}
         self.background = _Background() if self.ahead else None
+        if self.ahead and world > 1 and (barrier is None or self.ahead > 1):
+            raise ValueError("data-parallel async rollouts need a barrier and max_staleness=1")
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[TokenBatch]:
-        while self.planned <= self.step + self.ahead:
-            if self.ahead:   # planned ahead of training: keep the state a resume restarts from
-                self.states[self.planned] = self._state()
-            self.queue.append(self._plan(self.planned))
-            self.planned += 1
+        self._plan_until(self.step)   # this step (planned already, but for the first)
         made = self.queue.popleft()
         waited = time.perf_counter()
         if isinstance(made, AheadRollouts):
-            # Sampled ahead on the engine; the teacher scores here, while the engine samples the
-            # next step (scoring in the background thread would take the trainer's core and GIL).
             generations, stats = made.future.result()
             waited = time.perf_counter() - waited
+            if self.world > 1:
+                # Every rank has its rollouts of this step: none samples on the shared engine
+                # now, so the main rank may put newer weights in (max_staleness is 1 with ranks).
+                self.barrier()
+        else:
+            waited = time.perf_counter() - waited
+        self._plan_until(self.step + self.ahead)   # the engine samples these while this step trains
+        if isinstance(made, AheadRollouts):
+            # The teacher scores here, while the engine samples the next step (scoring in the
+            # background thread would take the trainer's cores and GIL).
             micro = self._score(made.plans, generations, made.lam, made.version, stats)
         else:
-            waited, micro = time.perf_counter() - waited, made
+            micro = made
         self.states.pop(self.step, None)
         for batch in micro:
             if "rollout_policy_version" in batch.stats:
@@ -160,6 +170,13 @@ class OnPolicyBatches:
                     batch.stats["rollout_wait_s"] = waited
         self.step += 1
         return micro
+
+    def _plan_until(self, last: int) -> None:
+        while self.planned <= last:
+            if self.ahead:   # planned ahead of training: keep the state a resume restarts from
+                self.states[self.planned] = self._state()
+            self.queue.append(self._plan(self.planned))
+            self.planned += 1
 
     def _plan(self, step: int):
         """Step `step`: off-policy batches (lambda's coin), or on-policy batches made now (in
@@ -189,6 +206,10 @@ class OnPolicyBatches:
         version = self.loaded_version
 
         def sample() -> tuple[list[list[Generation]], dict]:
+            with self.engine.busy():   # a trainer lent the engine's cores gives them back
+                return sample_on_engine()
+
+        def sample_on_engine() -> tuple[list[list[Generation]], dict]:
             stats = {}
             if weights is not None:
                 stats["rollout_sync_s"] = self.engine.load(weights, version)

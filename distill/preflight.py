@@ -95,12 +95,12 @@ def check_models(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.
 
 def check_rollout_engine(cfg: Config, device: torch.device, world: int) -> None:
     """`rollout.engine=vllm`: the vLLM environment exists, every student is one vLLM serves on
-    this device, and async sampling runs with one process."""
+    this device, and data-parallel async sampling is at most one version ahead."""
     if "onpolicy" not in cfg.pipeline.stages or cfg.rollout.engine != "vllm":
         return
-    if cfg.rollout.async_ and world > 1:
-        raise ConfigError("rollout.async=true runs with one process for now (ranks would load and sample on one "
-                          "server out of step): set rollout.async=false, or train on one process")
+    if cfg.rollout.async_ and world > 1 and cfg.rollout.max_staleness > 1:
+        raise ConfigError(f"rollout.async=true with {world} processes samples one version ahead at most (the ranks "
+                          f"share one engine, which loads weights between steps): set rollout.max_staleness=1")
     for name, student in cfg.students.items():
         config = AutoConfig.from_pretrained(student.pretrained) if student.init == "pretrained" \
             else hf_config(student.architecture)

@@ -26,9 +26,11 @@ mask), the behaviour policy of the importance weight in distill/losses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +97,30 @@ class VLLMRollouts:
         self.server: VLLMServer | None = None
         self.client: VLLMClient | None = None
         self.version = 0
+        self._working, self._lock = 0, threading.Lock()
+        self.on_busy = None   # called, on the asking thread, as the engine starts working
+        self.idle_since = time.monotonic()   # when it last stopped working
+
+    @property
+    def working(self) -> bool:
+        """Whether the engine is sampling or loading weights now (a trainer sharing its cores
+        reads this)."""
+        return self._working > 0
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Counts the engine as working while the block runs (from any thread)."""
+        with self._lock:
+            self._working += 1
+        if self.on_busy is not None:
+            self.on_busy()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working -= 1
+                if not self._working:
+                    self.idle_since = time.monotonic()
 
     def start(self, weights: PreTrainedModel | None = None) -> "VLLMRollouts":
         """Start the server on `weights` (a model holding the student's whole weights; by default
@@ -130,10 +156,11 @@ class VLLMRollouts:
         """Put `tensors` (students/snapshot.py's checkpoint_tensors) into the engine as weight
         version `version`, in place; returns the seconds it took."""
         started = time.perf_counter()
-        folder = write_weights(tensors, self.folder / f"v{version}")
-        self._rpc("load_trainer_weights", weights_path=str(folder))
-        self.client.post("/reset_prefix_cache", {})
-        self.client.post("/update_weight_version", {"new_version": str(version)})
+        with self.busy():
+            folder = write_weights(tensors, self.folder / f"v{version}")
+            self._rpc("load_trainer_weights", weights_path=str(folder))
+            self.client.post("/reset_prefix_cache", {})
+            self.client.post("/update_weight_version", {"new_version": str(version)})
         for old in self.folder.glob("v*"):
             if old != folder and old.name != "v0":
                 shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +184,8 @@ class VLLMRollouts:
                ) -> list[Generation]:
         """One rollout per prompt, all requests in flight at once (the engine batches them)."""
         self.client.concurrency = max(1, min(self.concurrency, len(prompts)))
-        return self.client.sample(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        with self.busy():
+            return self.client.sample(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """The engine's log-probability of each token of each sequence given the ones before it

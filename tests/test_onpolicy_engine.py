@@ -78,9 +78,11 @@ def test_both_students_train_on_async_vllm_rollouts_and_their_releases_serve(tmp
         assert worst < 1e-4, (name, worst)
 
 
-def test_two_processes_share_one_engine(tmp_path):
+@pytest.mark.parametrize("async_", [False, True], ids=["in_step", "async"])
+def test_two_processes_share_one_engine(tmp_path, async_):
     """Two data-parallel ranks (FSDP2: the weights are gathered for each sync) sample on one
-    server: the main rank syncs the weights, the other waits for the version at /weight_info."""
+    server: the main rank syncs the weights, the other waits for the version at /weight_info;
+    async, both sample one version behind the trainer."""
     import json
     import subprocess
 
@@ -88,15 +90,20 @@ def test_two_processes_share_one_engine(tmp_path):
 
     overrides = [o for o in SERVABLE_RUN if not o.startswith("pipeline.eval")] + [
         f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "~students.dense", "parallel=fsdp2",
-        "rollout.engine=vllm", "pipeline.stages=[teacher,onpolicy]", "checkpoint_every=1000"]
+        "rollout.engine=vllm", "pipeline.stages=[teacher,onpolicy]", "checkpoint_every=1000",
+        f"rollout.async={str(async_).lower()}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run([*LAUNCH, *overrides], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("train/moe/ranks_in_sync") == 1 and r.get("train/moe/ranks") == 2 for r in records)
     logged = {k: v for r in records for k, v in r.items() if k.startswith("train/moe/onpolicy/")}
-    assert logged["train/moe/onpolicy/rollout_staleness"] == 0       # synchronous: always the current weights
-    assert logged["train/moe/onpolicy/rollout_policy_version"] == pytest.approx(1.5)   # steps 0..3
+    if async_:   # steps 0..3 trained on rollouts of versions 0, 0, 1, 2
+        assert logged["train/moe/onpolicy/rollout_staleness"] == pytest.approx(0.75)
+        assert logged["train/moe/onpolicy/rollout_policy_version"] == pytest.approx(0.75)
+    else:        # synchronous: always the current weights
+        assert logged["train/moe/onpolicy/rollout_staleness"] == 0
+        assert logged["train/moe/onpolicy/rollout_policy_version"] == pytest.approx(1.5)
     assert not _engines_alive()
 
 

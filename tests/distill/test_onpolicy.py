@@ -2,6 +2,7 @@
 truncated rollouts, GKD's lambda, the sampled-token estimator's gradient, and training that
 moves the student towards the teacher on its own samples."""
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -213,6 +214,15 @@ class InProcessEngine:
     def __init__(self, student, tokenizer):
         self.model, self.tokenizer = copy.deepcopy(student).eval(), tokenizer
         self.version, self.loads, self.sampled = 0, [], []
+        self.working, self.working_while_sampling = 0, []
+
+    @contextlib.contextmanager
+    def busy(self):
+        self.working += 1
+        try:
+            yield
+        finally:
+            self.working -= 1
 
     def load(self, tensors, version):
         self.model.load_state_dict(tensors, strict=False)
@@ -227,6 +237,7 @@ class InProcessEngine:
         from distill.students.generation import generate
 
         self.sampled.append((self.version, float(self.model.model.norm.weight[0]), prompts, seed))
+        self.working_while_sampling.append(self.working > 0)
         out = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                        progress=False)
         for g in out:
@@ -263,6 +274,10 @@ def test_engine_rollouts_come_from_weights_at_most_the_allowed_versions_behind(t
     # Each rollout was sampled by exactly the weights of the version it records.
     for version, mark, _, _ in engine.sampled[:6]:
         assert mark == marks[version]
+    # The engine counts as working while it samples (a trainer lent its cores gives them back).
+    assert engine.working_while_sampling and all(engine.working_while_sampling)
+    if not async_:   # in step, nothing samples between steps
+        assert engine.working == 0
     batches.close()
 
 
@@ -296,3 +311,34 @@ def test_async_batches_resume_where_training_stopped(tokenizer):
     assert resumed_engine.loads[0] == 3    # the restored weights went to the engine first
     for b in (whole, stopped, resumed):
         b.close()
+
+
+def test_data_parallel_async_ranks_meet_while_no_rank_samples(tokenizer):
+    """Ranks share one engine: each step they meet once they hold its rollouts, and only then is
+    the next step (and its weight load) queued, so a load never lands in a rank's sampling."""
+    from distill.config import RolloutConfig
+
+    student = _model(0, scale=0.3)
+    teacher = TransformersTeacher(_model(1, scale=0.5), tokenizer, name="t", progress=False)
+    engine = InProcessEngine(student, tokenizer)
+    cfg = OnPolicyConfig(batch_size=4, max_new_tokens=4, top_k=4)
+    met = []
+
+    def barrier():
+        met.append((engine.working, len(engine.sampled), len(engine.loads)))
+
+    batches = OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=8, max_length=256, engine=engine,
+                              rollout=RolloutConfig(engine="vllm", async_=True), rank=0, world=2, barrier=barrier)
+    for step in range(4):
+        micro = next(batches)
+        assert micro[0].stats["rollout_staleness"] == min(step, 1)
+        with torch.no_grad():
+            student.model.norm.weight[0] += 1.0
+    batches.close()
+    # Step t's barrier: nothing sampling, t + 1 batches sampled (this step's), and the load for
+    # step t + 1 not yet made (steps 0 and 1 sample version 0; step s > 1 loads version s - 1).
+    assert met == [(0, step + 1, max(0, step - 1)) for step in range(4)]
+    with pytest.raises(ValueError, match="barrier and max_staleness=1"):
+        OnPolicyBatches(student, teacher, tokenizer, PROMPTS, cfg, steps=8, max_length=256, engine=engine,
+                        rollout=RolloutConfig(engine="vllm", async_=True, max_staleness=2), world=2,
+                        barrier=barrier)
