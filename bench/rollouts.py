@@ -2,7 +2,8 @@
 training, and on a vLLM engine sampling ahead while the trainer trains (`rollout.async`).
 
 For each student size, the same on-policy stage (the same prompts, teacher, loss and steps) runs
-three ways, one after the other in this process on the same cores:
+three ways (the engine ways also `_pinned`, below), one after the other in this process on the
+same cores:
 
 - `in_process`: the trainer's own model samples (students/generation.py), then trains; all the
   machine's cores serve torch;
@@ -14,11 +15,12 @@ With the engine, the cores are split as `rollout.engine_cores` splits them: ever
 server on the last core (its OpenMP threads bound there too), the trainer on the others while
 the engine works, and on every core while it idles (`rollout.lend_cores`, the default; the
 `_pinned` variants keep the trainer off the engine's core throughout). Startup (the server's
-~1 minute) is reported apart and left out of the stage time, and so is the first step of each run (one-time costs). Reported per run: stage
-seconds per step, rollout tokens per second of stage time,
-the share of the stage the trainer spent waiting for batches (sampling + teacher scoring it could
-not overlap), and the mean reverse-KL estimate of the last half of the steps (the same training
-signal whichever engine sampled). One JSON line per run on stdout and in --out.
+~1 minute) is reported apart and left out of the stage time, and so is the first step of each
+run (one-time costs). Reported per run: stage seconds per step, rollout tokens per second of
+stage time, the sampling's and the weight sync's own seconds per step, the share of the stage
+the trainer spent waiting for batches (sampling + teacher scoring it could not overlap), and the
+mean reverse-KL estimate of the last half of the steps (the same training signal whichever
+engine sampled). One JSON line per run on stdout and in --out.
 
     python bench/rollouts.py --sizes 128x4 512x4 768x8 --lengths 64 256 --steps 6
 

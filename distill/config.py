@@ -195,8 +195,8 @@ class RolloutConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # the engine's weights
     max_model_len: int | None = None   # None: data.max_length
     vllm_args: list[str] = field(default_factory=list)   # more server flags (e.g. --gpu-memory-utilization 0.3)
-    # CPU: the cores the engine runs on; the trainer keeps the others for the stage ([] = both
-    # use every core). Async sampling overlaps only when each side has cores of its own.
+    # CPU: the cores the engine runs on; the trainer keeps the others while the engine works ([] =
+    # both use every core). Async sampling overlaps only when each side has cores of its own.
     engine_cores: list[int] = field(default_factory=list)
     # CPU, with engine_cores: the trainer also uses the engine's cores whenever the engine has
     # nothing to sample (distill/stages/rollouts.py, CoreSplit).

@@ -145,16 +145,14 @@ class OnPolicyBatches:
     def __next__(self) -> list[TokenBatch]:
         self._plan_until(self.step)   # this step (planned already, but for the first)
         made = self.queue.popleft()
-        waited = time.perf_counter()
+        started = time.perf_counter()
         if isinstance(made, AheadRollouts):
             generations, stats = made.future.result()
-            waited = time.perf_counter() - waited
-            if self.world > 1:
-                # Every rank has its rollouts of this step: none samples on the shared engine
-                # now, so the main rank may put newer weights in (max_staleness is 1 with ranks).
-                self.barrier()
-        else:
-            waited = time.perf_counter() - waited
+        waited = time.perf_counter() - started
+        if isinstance(made, AheadRollouts) and self.world > 1:
+            # Every rank has its rollouts of this step: none samples on the shared engine now,
+            # so the main rank may put newer weights in (max_staleness is 1 with ranks).
+            self.barrier()
         self._plan_until(self.step + self.ahead)   # the engine samples these while this step trains
         if isinstance(made, AheadRollouts):
             # The teacher scores here, while the engine samples the next step (scoring in the

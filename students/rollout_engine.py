@@ -109,10 +109,12 @@ class VLLMRollouts:
 
     @contextlib.contextmanager
     def busy(self):
-        """Counts the engine as working while the block runs (from any thread)."""
+        """Counts the engine as working while the block runs (from any thread); `on_busy` is
+        called as it starts working, not again for blocks within."""
         with self._lock:
+            starting = self._working == 0
             self._working += 1
-        if self.on_busy is not None:
+        if starting and self.on_busy is not None:
             self.on_busy()
         try:
             yield

@@ -27,11 +27,11 @@ from distill.students.rollout_engine import VLLMRollouts, check_servable, weight
 def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                          run_dir: Path, proc: Processes, cleanup: contextlib.ExitStack,
                          full_weights=contextlib.nullcontext, device: str = "cpu",
-                        teacher_model: torch.nn.Module | None = None) -> VLLMRollouts | None:
+                         teacher_model=None) -> VLLMRollouts | None:
     """The engine `name`'s rollouts come from (None: in process), stopped when `cleanup` closes.
     `full_weights(student)` gives a model with the whole weights (a sharded engine gathers them,
     on every rank); `device` is the trainer's ("cpu", "cuda"); `teacher_model`, an in-process
-    teacher's model, which shares the trainer's cores with the student."""
+    teacher's model (anything else: none), which shares the trainer's cores with the student."""
     rollout = cfg.rollout
     if rollout.engine == "in_process":
         return None
@@ -52,7 +52,7 @@ def start_rollout_engine(cfg: Config, name: str, student: PreTrainedModel, token
     if cores is not None:
         cores.serve(engine)
         for model in (student, teacher_model):
-            if model is not None:
+            if isinstance(model, torch.nn.Module):
                 cores.attach(model)
     with full_weights(student) as whole:
         engine.start(whole)

@@ -189,11 +189,9 @@ def fit_onpolicy(cfg: Config, name: str, student: PreTrainedModel, data: Student
                                        is_cap=cfg.rollout.is_cap)
     engine = _engine(cfg, student, objective, schedule, stage, proc)
     with contextlib.ExitStack() as cleanup:
-        in_process_teacher = getattr(teacher, "model", None)
         rollouts = start_rollout_engine(cfg, name, student, tokenizer, run_dir or Path(cfg.run_dir or "."), proc,
                                         cleanup, full_weights=engine.full_weights_in, device=engine.device.type,
-                                        teacher_model=in_process_teacher if isinstance(in_process_teacher,
-                                                                                       torch.nn.Module) else None)
+                                        teacher_model=getattr(teacher, "model", None))
         # Rollouts come from the student object itself, or from its weights synced into the
         # engine: a sharding engine gathers the current weights into it for either.
         batches = OnPolicyBatches(student, teacher, tokenizer, data.onpolicy_prompts, stage, steps=stage.steps,
