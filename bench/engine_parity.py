@@ -1,7 +1,10 @@
 """Does the rollout engine change what on-policy distillation learns? The default run's
 on-policy stage, rerun from its off-policy checkpoints with the rollouts in process and on a vLLM
-engine (weights synced every step, no overlap), for several on-policy seeds; the eval table of
-each.
+engine, for several on-policy seeds; the eval table of each.
+
+Engines (`--engines`): `in_process`; `vllm` (weights synced every step, in step with training);
+`vllm_async` (rollout.async=true: sampled one weight version behind); a `_bf16` suffix serves the
+engine's weights in bfloat16 (rollout.dtype=bfloat16), e.g. `vllm_async_bf16`.
 
 Each run is a copy of a finished default run (its teacher, teacher outputs and off-policy
 students, everything before the on-policy stage) resumed with `resume=true`: the on-policy
@@ -32,6 +35,19 @@ from distill.config import RolloutConfig
 KEPT = ("teacher_outputs", "checkpoints/offpolicy")
 
 
+def rollout_settings(engine: str) -> dict:
+    """The `rollout.*` settings an engine name stands for."""
+    name = engine.removesuffix("_bf16")
+    if name not in ("in_process", "vllm", "vllm_async") or (name == "in_process" and name != engine):
+        sys.exit(f"unknown engine {engine!r}: in_process, vllm, vllm_async, vllm_bf16 or vllm_async_bf16")
+    settings = {"engine": "in_process" if name == "in_process" else "vllm"}
+    if name == "vllm_async":
+        settings["async"] = True
+    if engine.endswith("_bf16"):
+        settings["dtype"] = "bfloat16"
+    return settings
+
+
 def prepare(base: Path, copy: Path, engine: str, seed: int) -> None:
     """`copy`: the base run up to its off-policy stage, with the engine and seed in its config."""
     shutil.rmtree(copy, ignore_errors=True)
@@ -40,7 +56,7 @@ def prepare(base: Path, copy: Path, engine: str, seed: int) -> None:
         shutil.copytree(base / part, copy / part)
     config = json.loads((base / "config.json").read_text())
     # rollout settings the base run predates take their defaults
-    config["rollout"] = {**as_dict(RolloutConfig()), **config.get("rollout", {}), "engine": engine}
+    config["rollout"] = {**as_dict(RolloutConfig()), **config.get("rollout", {}), **rollout_settings(engine)}
     config["pipeline"]["onpolicy"]["seed"] = seed
     config["run_dir"] = str(copy)
     (copy / "config.json").write_text(json.dumps(config, indent=2))
@@ -78,8 +94,9 @@ def main() -> None:
                 continue
             prepare(base, run, engine, seed)
             started = time.perf_counter()
-            command = [sys.executable, "-m", "distill", f"run_dir={run}", "resume=true", "logger=none",
-                       f"rollout.engine={engine}", f"pipeline.onpolicy.seed={seed}", *args.overrides]
+            settings = [f"rollout.{key}={str(value).lower()}" for key, value in rollout_settings(engine).items()]
+            command = [sys.executable, "-m", "distill", f"run_dir={run}", "resume=true", "logger=none", *settings,
+                       f"pipeline.onpolicy.seed={seed}", *args.overrides]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{engine} seed {seed} failed: {done.stderr[-2000:]}")

@@ -14,8 +14,12 @@ same cores:
 With the engine, the cores are split as `rollout.engine_cores` splits them: every process of the
 server on the last core (its OpenMP threads bound there too), the trainer on the others while
 the engine works, and on every core while it idles (`rollout.lend_cores`, the default; the
-`_pinned` variants keep the trainer off the engine's core throughout). Startup (the server's
-~1 minute) is reported apart and left out of the stage time, and so is the first step of each
+`_pinned` variants keep the trainer off the engine's core throughout). The `_bf16` variants
+(`vllm_sync_bf16`, `vllm_async_bf16`, also with `_pinned`) serve the engine's copy of the weights
+in bfloat16 (`rollout.dtype=bfloat16`), on a server of their own: the trainer stays float32 and
+samples come from a rounded copy of its weights, a small shift of the sampling policy like async
+staleness (the sampled-token estimator's importance weight corrects both). Startup (the
+server's ~1 minute) is reported apart and left out of the stage time, and so is the first step of each
 run (one-time costs). Reported per run: stage seconds per step, rollout tokens per second of
 stage time, the sampling's and the weight sync's own seconds per step, the share of the stage
 the trainer spent waiting for batches (sampling + teacher scoring it could not overlap), and the
@@ -48,7 +52,7 @@ from distill.onpolicy import OnPolicyBatches
 from distill.stages.rollouts import CoreSplit
 from distill.students.build import build_random
 from distill.students.presets import PRESETS
-from distill.students.rollout_engine import VLLMRollouts
+from distill.students.rollout_engine import DTYPES, VLLMRollouts
 from distill.students.snapshot import checkpoint_tensors
 from distill.students.tokenizer import build_tokenizer
 from distill.teachers.transformers_backend import TransformersTeacher
@@ -124,7 +128,7 @@ def main() -> None:
     for size in args.sizes:
         first = build_random(student_architecture(size), seed=0)
         params = sum(p.numel() for p in first.parameters())
-        engine = None
+        engines: dict[str, VLLMRollouts] = {}
         for length in args.lengths:
             cfg = OnPolicyConfig(batch_size=args.batch_size, max_new_tokens=length, top_k=20, lr=1e-4,
                                  loss=LossConfig(divergence="reverse_kl"))
@@ -143,17 +147,22 @@ def main() -> None:
                     os.sched_setaffinity(0, cores)
                     torch.set_num_threads(len(cores))
                     startup = 0.0
-                    if engine is None:
+                    dtype = "bfloat16" if "_bf16" in variant else "float32"
+                    if dtype not in engines:   # one server per engine dtype, kept for the size's runs
                         started = time.perf_counter()
-                        engine = VLLMRollouts(first, tokenizer, Path(tempfile.mkdtemp(prefix="bench-rollouts-")),
-                                              max_model_len=512, log_path=f"/tmp/bench_rollouts_{size}.log",
-                                              cpus={cores[-1]}).start()
+                        engines[dtype] = VLLMRollouts(
+                            first, tokenizer, Path(tempfile.mkdtemp(prefix="bench-rollouts-")), dtype=dtype,
+                            max_model_len=512, log_path=f"/tmp/bench_rollouts_{size}_{dtype}.log",
+                            cpus={cores[-1]}).start()
                         startup = time.perf_counter() - started
-                    engine.load(checkpoint_tensors(first), 0)   # every run starts from the same weights
+                    engine = engines[dtype]
+                    # every run starts from the same weights
+                    engine.load(checkpoint_tensors(first, DTYPES[dtype]), 0)
                     teacher = TransformersTeacher(teacher_model, tokenizer, name="t", progress=False)
-                    rollout = RolloutConfig(engine="vllm", async_=variant.startswith("vllm_async"), max_staleness=1)
+                    rollout = RolloutConfig(engine="vllm", async_=variant.startswith("vllm_async"), max_staleness=1,
+                                            dtype=dtype)
                     with contextlib.ExitStack() as cleanup:
-                        split = CoreSplit([cores[-1]], cleanup, lend=not variant.endswith("_pinned"))
+                        split = CoreSplit([cores[-1]], cleanup, lend="_pinned" not in variant)
                         split.serve(engine)
                         split.attach(student)
                         split.attach(teacher_model)
@@ -165,7 +174,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
-        if engine is not None:
+        for engine in engines.values():
             engine.stop()
     os.sched_setaffinity(0, cores)
 

@@ -39,7 +39,9 @@ def checkpoint_tensors(model: PreTrainedModel, dtype: torch.dtype | None = None,
     out = {}
     for name, tensor in state.items():
         converted = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-        out[name] = converted.clone() if copy else converted
+        # A conversion (another dtype or device) is a copy already; only a view needs one.
+        shares = converted.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        out[name] = converted.clone() if copy and shares else converted
     if not copy:
         # safetensors refuses tensors that share storage (the tied lm_head and its embedding).
         seen: set[int] = set()
