@@ -35,17 +35,21 @@ from distill.config import RolloutConfig
 KEPT = ("teacher_outputs", "checkpoints/offpolicy")
 
 
+# The `rollout.*` settings each engine name stands for.
+ENGINES = {
+    "in_process": {"engine": "in_process"},
+    "vllm": {"engine": "vllm"},
+    "vllm_bf16": {"engine": "vllm", "dtype": "bfloat16"},
+    "vllm_async": {"engine": "vllm", "async": True},
+    "vllm_async_bf16": {"engine": "vllm", "async": True, "dtype": "bfloat16"},
+}
+
+
 def rollout_settings(engine: str) -> dict:
     """The `rollout.*` settings an engine name stands for."""
-    name = engine.removesuffix("_bf16")
-    if name not in ("in_process", "vllm", "vllm_async") or (name == "in_process" and name != engine):
-        sys.exit(f"unknown engine {engine!r}: in_process, vllm, vllm_async, vllm_bf16 or vllm_async_bf16")
-    settings = {"engine": "in_process" if name == "in_process" else "vllm"}
-    if name == "vllm_async":
-        settings["async"] = True
-    if engine.endswith("_bf16"):
-        settings["dtype"] = "bfloat16"
-    return settings
+    if engine not in ENGINES:
+        sys.exit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+    return ENGINES[engine]
 
 
 def prepare(base: Path, copy: Path, engine: str, seed: int) -> None:
